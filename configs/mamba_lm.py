@@ -1,0 +1,55 @@
+"""Byte-level Mamba language model.
+
+Presets: `default` (CPU, minutes), `smoke` (seconds, tests), and pod-scale
+shapes of the published Mamba models: `130m`, `370m`, `790m`, `1.4b`, `2.8b`.
+  python train.py --config configs/mamba_lm.py[:PRESET] [--config.a.b=value ...]
+"""
+import ml_collections
+
+from jaxmix.parallel.mesh import DEFAULT_RULES
+
+# name: (d_model, n_layers), as in the Mamba paper's model family.
+POD_SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48),
+              "1.4b": (2048, 48), "2.8b": (2560, 64)}
+
+
+def base_config():
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        family="lm", d_model=256, n_layers=4, vocab_size=256, vocab_multiple=8,
+        mixer_pattern=("mamba",), d_state=16, expand=2, d_conv=4, dt_rank=0,
+        d_ff=0, tie_embeddings=True, norm_eps=1e-5, dtype="float32",
+        scan_impl="auto", attn_impl="auto", n_heads=4, n_kv_heads=4, head_dim=0,
+        rope_theta=10000.0, sliding_window=0, remat=False))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=600, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
+        min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
+        log_every=10, eval_every=200, eval_batches=8, checkpoint_every=100,
+        keep_checkpoints=3, seed=0))
+    c.data = ml_collections.ConfigDict(dict(source="stdlib", val_fraction=0.02, shuffle=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+    c.init_from = ""
+    return c
+
+
+def get_config(preset="default"):
+    c = base_config()
+    if preset in ("default", ""):
+        pass
+    elif preset == "smoke":
+        c.model.update(d_model=32, n_layers=2, d_state=4)
+        c.train.update(steps=10, batch_size=4, seq_len=32, warmup_steps=2, log_every=2,
+                       eval_every=5, eval_batches=2, checkpoint_every=5)
+    elif preset in POD_SHAPES:
+        d_model, n_layers = POD_SHAPES[preset]
+        c.model.update(d_model=d_model, n_layers=n_layers, dtype="bfloat16", remat=True)
+        c.model.vocab_size = 256
+        c.train.update(steps=100_000, batch_size=256, seq_len=2048, learning_rate=6e-4,
+                       warmup_steps=2000, log_every=50, eval_every=2000,
+                       checkpoint_every=1000)
+        c.mesh.update(data=-1, fsdp=1)
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose default, smoke or "
+                         f"{', '.join(POD_SHAPES)}")
+    return c

@@ -1,0 +1,79 @@
+"""Small shared layers: RMSNorm, SwiGLU MLP, initialisers, logical-axis helpers."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torch.nn.Linear's default init: U(+-1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def param_with_axes(module, name, init, shape, axes, dtype=jnp.float32):
+    """A parameter carrying logical axis names (used to derive shardings)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def constrain(x, axes):
+    """Activation sharding constraint by logical names (no-op without rules/mesh)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def compute_dtype(cfg):
+    return jnp.dtype(cfg.get("dtype", "float32"))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; weight named `scale`, initialised to 1."""
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+class DenseGeneral(nn.Module):
+    """x @ W with logical axes on W, computed in `dtype` (no bias unless asked)."""
+    features: int
+    axes: tuple
+    use_bias: bool = False
+    init: Any = torch_linear_init
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = param_with_axes(self, "kernel", self.init, (x.shape[-1], self.features), self.axes)
+        y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+        if self.use_bias:
+            y = y + param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                                    self.axes[-1:]).astype(self.dtype)
+        return y
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: down(silu(gate(x)) * up(x))."""
+    d_ff: int
+    n_layers: int = 1
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d_model = x.shape[-1]
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype)
+        gate = DenseGeneral(self.d_ff, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = DenseGeneral(self.d_ff, ("embed", "mlp"), name="up_proj", **kw)(x)
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        down_init = scaled_init(torch_linear_init, self.n_layers)
+        return DenseGeneral(d_model, ("mlp", "embed"), init=down_init, name="down_proj", **kw)(h)
+
+
+def scaled_init(init, n_layers):
+    """`init` divided by sqrt(n_layers) (GPT-2 / Mamba residual-branch rescale)."""
+    def f(key, shape, dtype=jnp.float32):
+        return init(key, shape, dtype) / jnp.sqrt(jnp.asarray(n_layers, dtype))
+    return f

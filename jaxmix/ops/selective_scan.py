@@ -1,0 +1,86 @@
+"""Mamba-1 selective scan: public entry point and the plain-jnp reference.
+
+Maths as mamba_ssm's `selective_scan_ref`, channels-last layout:
+  delta = softplus(delta + delta_bias)            (each optional)
+  h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+  y_t   = C_t . h_t + D * u_t,   y = y * silu(z)
+Shapes: u, delta, z [B, L, D]; A [D, N]; B, C [B, L, N]; state [B, D, N].
+Everything is computed in fp32 and the output is cast back to u's dtype.
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxmix.ops import _impl
+
+
+def prepare_delta(delta_BLD, delta_bias_D, delta_softplus):
+    """delta in fp32 after the optional bias and softplus."""
+    delta_BLD = delta_BLD.astype(jnp.float32)
+    if delta_bias_D is not None:
+        delta_BLD = delta_BLD + delta_bias_D.astype(jnp.float32)
+    if delta_softplus:
+        delta_BLD = jax.nn.softplus(delta_BLD)
+    return delta_BLD
+
+
+def finish_output(y_BLD, u_BLD, D_D, z_BLD):
+    """Adds the D skip and the silu(z) gate (fp32), casts to u's dtype."""
+    if D_D is not None:
+        y_BLD = y_BLD + u_BLD.astype(jnp.float32) * D_D.astype(jnp.float32)
+    if z_BLD is not None:
+        y_BLD = y_BLD * jax.nn.silu(z_BLD.astype(jnp.float32))
+    return y_BLD.astype(u_BLD.dtype)
+
+
+def check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    b, l, d = u.shape
+    n = A.shape[-1]
+    want = {"delta": (delta, (b, l, d)), "A": (A, (d, n)), "B": (B, (b, l, n)),
+            "C": (C, (b, l, n)), "D": (D, (d,)), "z": (z, (b, l, d)),
+            "delta_bias": (delta_bias, (d,)), "initial_state": (initial_state, (b, d, n))}
+    for name, (arr, shape) in want.items():
+        if arr is not None and tuple(arr.shape) != shape:
+            raise ValueError(f"selective_scan: {name} has shape {tuple(arr.shape)}, "
+                             f"expected {shape} for u {tuple(u.shape)} and A {tuple(A.shape)}")
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                             delta_softplus=False, initial_state=None,
+                             return_last_state=False):
+    """The oracle: a lax.scan over time holding the full [B, L, D, N] terms."""
+    delta_BLD = prepare_delta(delta, delta_bias, delta_softplus)
+    u_BLD = u.astype(jnp.float32)
+    A_DN = A.astype(jnp.float32)
+    dA_BLDN = jnp.exp(delta_BLD[..., None] * A_DN)
+    dBu_BLDN = (delta_BLD * u_BLD)[..., None] * B.astype(jnp.float32)[:, :, None, :]
+    bsz, _, d = u.shape
+    h0_BDN = (jnp.zeros((bsz, d, A.shape[-1]), jnp.float32) if initial_state is None
+              else initial_state.astype(jnp.float32))
+
+    def step(h_BDN, xs):
+        dA, dBu, c_BN = xs
+        h_BDN = dA * h_BDN + dBu
+        return h_BDN, jnp.einsum("bdn,bn->bd", h_BDN, c_BN)
+
+    xs = (jnp.moveaxis(dA_BLDN, 1, 0), jnp.moveaxis(dBu_BLDN, 1, 0),
+          jnp.moveaxis(C.astype(jnp.float32), 1, 0))
+    h_BDN, y_LBD = jax.lax.scan(step, h0_BDN, xs)
+    out = finish_output(jnp.moveaxis(y_LBD, 0, 1), u, D, z)
+    return (out, h_BDN) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False, initial_state=None, return_last_state=False,
+                   impl="auto"):
+    """Selective scan (see module docstring). Returns y [B, L, D] (and h [B, D, N])."""
+    check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    impl = _impl.resolve(impl, "selective_scan")
+    if impl == "reference":
+        fn = selective_scan_reference
+    elif impl == "xla":
+        from jaxmix.ops.scan_xla import selective_scan_xla as fn
+    else:
+        from jaxmix.ops.scan_pallas import selective_scan_pallas as fn
+    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+              delta_softplus=delta_softplus, initial_state=initial_state,
+              return_last_state=return_last_state)

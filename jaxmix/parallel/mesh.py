@@ -1,0 +1,73 @@
+"""The device mesh ("data", "fsdp", "tensor", "sequence") and logical-axis rules."""
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxmix.errors import ConfigError
+
+AXES = ("data", "fsdp", "tensor", "sequence")
+
+# Logical name -> mesh axes. Kept in the config (`config.sharding.rules`); these are
+# the defaults: batch over data and fsdp, params' embed dim over fsdp (FSDP/ZeRO-3),
+# heads and inner channels over tensor, sequence over sequence.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("state", None),
+)
+
+
+def mesh_shape(mesh_cfg, n_devices):
+    """Sizes of the four axes; one axis may be -1 (= the rest of the devices)."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in AXES]
+    if sizes.count(-1) > 1:
+        raise ConfigError("mesh: at most one of mesh.data/fsdp/tensor/sequence may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh: sizes must be positive or -1, got {dict(zip(AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"mesh: the fixed axes ({known} devices) do not divide the "
+                              f"{n_devices} devices; change mesh.* so they do")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh: mesh.data*fsdp*tensor*sequence = {math.prod(sizes)} but there "
+                          f"are {n_devices} devices; make the product {n_devices} (or set one "
+                          f"axis to -1)")
+    return dict(zip(AXES, sizes))
+
+
+def make_mesh(mesh_cfg, devices=None):
+    """A Mesh over all devices, laid out for the real topology."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_cfg, len(devices))
+    sizes = tuple(shape[a] for a in AXES)
+    if devices == jax.devices():
+        return jax.make_mesh(sizes, AXES, devices=devices)
+    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+
+
+def rules_of(config):
+    """The logical-axis rules of a full config (defaults if absent)."""
+    sharding = config.get("sharding", None)
+    rules = sharding.get("rules", None) if sharding is not None else None
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (rules or DEFAULT_RULES))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, rules, ndim=2):
+    """Sharding of a [batch, length, ...] array under the rules."""
+    import flax.linen as nn
+    spec = nn.logical_to_mesh_axes(("batch", "length") + (None,) * (ndim - 2), rules)
+    return NamedSharding(mesh, spec)
