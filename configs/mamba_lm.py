@@ -22,12 +22,12 @@ def base_config():
         scan_impl="auto", attn_impl="auto", n_heads=4, n_kv_heads=4, head_dim=0,
         rope_theta=10000.0, sliding_window=0, remat=False))
     c.train = ml_collections.ConfigDict(dict(
-        steps=600, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
+        steps=600, decay_steps=600, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
         log_every=10, eval_every=200, eval_batches=8, checkpoint_every=100,
         keep_checkpoints=3, seed=0))
     c.data = ml_collections.ConfigDict(dict(source="stdlib", val_fraction=0.02, shuffle=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
     c.init_from = ""
     return c
@@ -39,16 +39,15 @@ def get_config(preset="default"):
         pass
     elif preset == "smoke":
         c.model.update(d_model=32, n_layers=2, d_state=4)
-        c.train.update(steps=10, batch_size=4, seq_len=32, warmup_steps=2, log_every=2,
+        c.train.update(steps=10, decay_steps=10, batch_size=4, seq_len=32, warmup_steps=2, log_every=2,
                        eval_every=5, eval_batches=2, checkpoint_every=5)
     elif preset in POD_SHAPES:
         d_model, n_layers = POD_SHAPES[preset]
         c.model.update(d_model=d_model, n_layers=n_layers, dtype="bfloat16", remat=True)
         c.model.vocab_size = 256
-        c.train.update(steps=100_000, batch_size=256, seq_len=2048, learning_rate=6e-4,
+        c.train.update(steps=100_000, decay_steps=100_000, batch_size=256, seq_len=2048, learning_rate=6e-4,
                        warmup_steps=2000, log_every=50, eval_every=2000,
                        checkpoint_every=1000)
-        c.mesh.update(data=-1, fsdp=1)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose default, smoke or "
                          f"{', '.join(POD_SHAPES)}")

@@ -3,7 +3,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmix.errors import ConfigError
 
@@ -50,9 +50,10 @@ def make_mesh(mesh_cfg, devices=None):
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
     sizes = tuple(shape[a] for a in AXES)
+    auto = (AxisType.Auto,) * len(AXES)  # shardings propagate from the constraints we set
     if devices == jax.devices():
-        return jax.make_mesh(sizes, AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+        return jax.make_mesh(sizes, AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices).reshape(sizes), AXES, axis_types=auto)
 
 
 def rules_of(config):

@@ -1,0 +1,13 @@
+"""Data pipelines (grain): byte corpora packed into windows of seq_len + 1 tokens.
+
+    from jaxmix import data
+    pipe = data.build(config, process_index=0, process_count=1)
+    batch = next(pipe.train_iter)      # int32 [batch_size // process_count, seq_len + 1]
+    pipe.val_batches()                 # list of train.eval_batches such arrays
+    pipe.describe()                    # one line for the log
+    it = pipe.seek(step)               # train iterator after `step` batches
+"""
+from jaxmix.data.corpus import Corpus, load_corpus
+from jaxmix.data.pipeline import Pipeline, build
+
+__all__ = ["Corpus", "Pipeline", "build", "load_corpus"]

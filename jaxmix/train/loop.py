@@ -1,0 +1,116 @@
+"""The training run: `run(config, workdir)` trains, evaluates, checkpoints, resumes."""
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxmix import data, models, parallel
+from jaxmix.train import optimizer, validate
+from jaxmix.train import state as state_lib
+from jaxmix.train.checkpoint import Checkpointer
+from jaxmix.train.metrics import MetricsWriter, plot_losses
+from jaxmix.train.step import bits_per_byte, make_eval_step, make_train_step
+
+log = logging.getLogger("jaxmix")
+
+
+def evaluate(eval_step, params, val_batches, to_global):
+    """Mean validation cross-entropy (nats per token) over the fixed validation batches."""
+    total = sum(float(eval_step(params, to_global(b))) for b in val_batches)
+    count = sum(b.shape[0] * (b.shape[1] - 1) for b in val_batches) * jax.process_count()
+    return total / count
+
+
+class Run:
+    """Everything a training run builds before its first step."""
+
+    def __init__(self, config, workdir):
+        validate.check_config(config)
+        self.config, self.workdir = config, workdir
+        self.is_main = jax.process_index() == 0
+        self.mesh = parallel.make_mesh(config.mesh)
+        validate.check_mesh(config, self.mesh, jax.process_count())
+        self.rules = parallel.rules_of(config)
+        self.model = models.build(config.model)
+        self.tx, self.lr = optimizer.make(config.train)
+        self.init_fn, self.shardings, self.abstract = state_lib.create(
+            self.model, self.tx, self.mesh, self.rules, config.train.seq_len, config.train.seed)
+        self.data = data.build(config, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        os.makedirs(workdir, exist_ok=True)
+        self.ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 keep=config.train.keep_checkpoints)
+        validate.check_workdir(config, workdir, self.ckpt.latest_step() is not None)
+        if self.is_main:
+            validate.write_config(config, workdir)
+        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
+        self.train_step = make_train_step(self.model, self.tx, self.lr, self.mesh, self.rules,
+                                          self.shardings, self.batch_sharding)
+        self.eval_step = make_eval_step(self.model, self.mesh, self.rules,
+                                        self.shardings.params, self.batch_sharding)
+
+    def to_global(self, local_batch):
+        return jax.make_array_from_process_local_data(self.batch_sharding,
+                                                      np.asarray(local_batch, np.int32))
+
+    def initial_state(self):
+        """(state, data iterator, start step): fresh, or restored from the latest checkpoint."""
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return self.init_fn(), self.data.train_iter, 0
+        state, data_ok = self.ckpt.restore(latest, self.abstract, self.data.train_iter)
+        it = self.data.train_iter if data_ok else self.data.seek(latest)
+        log.info("resumed from step %d in %s", latest, self.workdir)
+        return state, it, latest
+
+
+def run(config, workdir):
+    """Trains `config` in `workdir`; returns the last validation loss in bits per byte."""
+    r = Run(config, workdir)
+    t = config.train
+    n_params = state_lib.param_count(r.abstract)
+    log.info("model: %s params, mesh %s, data: %s", f"{n_params:,}", dict(r.mesh.shape),
+             r.data.describe())
+    state, it, start = r.initial_state()
+    writer = MetricsWriter(workdir, resume_step=start)
+    val_batches = r.data.val_batches()
+    tokens_per_step = t.batch_size * t.seq_len
+    val_bpb = None
+    try:
+        batch = r.to_global(next(it))
+        t0 = time.perf_counter()
+        step_fn = r.train_step.compile(state, batch)
+        log.info("train step compiled in %.1fs", time.perf_counter() - t0)
+        bar = tqdm(total=t.steps, initial=start, disable=not r.is_main, unit="step",
+                   dynamic_ncols=True)
+        last_time, last_step = time.perf_counter(), start
+        for step in range(start + 1, t.steps + 1):
+            if step > start + 1:
+                batch = r.to_global(next(it))
+            with jax.set_mesh(r.mesh):
+                state, metrics = step_fn(state, batch)
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                tok_s = tokens_per_step * (step - last_step) / (now - last_time)
+                last_time, last_step = now, step
+                writer.write(step, {**metrics, "tokens_per_sec": tok_s})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+            if step % t.eval_every == 0 or step == t.steps:
+                val = evaluate(r.eval_step, state.params, val_batches, r.to_global)
+                val_bpb = bits_per_byte(val)
+                writer.write(step, {"val_loss": val, "val_bpb": val_bpb})
+                bar.write(f"step {step}: validation loss {val:.4f} nats, {val_bpb:.3f} bits/byte")
+                last_time = time.perf_counter()  # eval time is not training throughput
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                r.ckpt.save(step, state, it)
+        bar.close()
+    finally:
+        r.ckpt.close()
+        writer.close()
+    plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
+    return val_bpb

@@ -1,0 +1,81 @@
+"""Early checks of the config, the mesh and the workdir: one-line errors, outside jit."""
+import json
+import os
+
+from jaxmix.errors import ConfigError
+
+POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+            "checkpoint_every", "keep_checkpoints")
+
+
+def check_config(config):
+    t, m = config.train, config.model
+    for field in POSITIVE:
+        if int(t[field]) <= 0:
+            raise ConfigError(f"train.{field}={t[field]} must be a positive integer")
+    if t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate={t.learning_rate} must be positive")
+    for field in ("d_model", "n_layers", "vocab_size"):
+        if int(m[field]) <= 0:
+            raise ConfigError(f"model.{field}={m[field]} must be a positive integer")
+    if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+
+
+def check_mesh(config, mesh, process_count):
+    """Batch and sequence divisibility by the mesh and the process count."""
+    b, length = config.train.batch_size, config.train.seq_len
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if b % batch_devices:
+        raise ConfigError(
+            f"train.batch_size={b} is not divisible by mesh.data*mesh.fsdp={batch_devices} "
+            f"(the devices that split the batch); use a multiple of {batch_devices}")
+    if b % process_count:
+        raise ConfigError(f"train.batch_size={b} is not divisible by the {process_count} "
+                          f"processes; use a multiple of {process_count}")
+    if length % mesh.shape["sequence"]:
+        raise ConfigError(f"train.seq_len={length} is not divisible by "
+                          f"mesh.sequence={mesh.shape['sequence']}")
+
+
+def _normalise(tree):
+    return json.loads(json.dumps(tree, sort_keys=True, default=list))
+
+
+def _first_difference(old, new, prefix="model"):
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}.{key}")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}.{key}: {a!r} in the workdir, {b!r} now"
+    return None
+
+
+# Fields that change how the model computes but not its parameters.
+_RUNTIME_FIELDS = ("scan_impl", "attn_impl", "remat", "dtype")
+
+
+def check_workdir(config, workdir, has_checkpoints):
+    """Refuses to resume checkpoints written for a different model."""
+    path = os.path.join(workdir, "config.json")
+    if not (has_checkpoints and os.path.exists(path)):
+        return
+    with open(path) as f:
+        old = json.load(f).get("model", {})
+    new = _normalise(config.model.to_dict())
+    for field in _RUNTIME_FIELDS:
+        old.pop(field, None)
+        new.pop(field, None)
+    diff = _first_difference(old, new)
+    if diff:
+        raise ConfigError(f"--workdir {workdir} holds checkpoints of another model ({diff}); "
+                          f"use a new --workdir or delete that one")
+
+
+def write_config(config, workdir):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(json.dumps(_normalise(config.to_dict()), indent=2))
+

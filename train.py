@@ -1,0 +1,123 @@
+"""Train a jaxmix model.
+
+  python train.py --config configs/mamba_lm.py[:PRESET] [--config.train.steps=100] [--workdir DIR]
+
+Multi-host: --coordinator_address HOST:PORT --num_processes N --process_id I (with no
+flags JAX's auto-detection is used on TPU pods and SLURM; otherwise a single process).
+Re-running the same command resumes from the latest checkpoint in the workdir.
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "config file, optionally `path:preset`",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "output folder (default runs/<config file stem>)")
+flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.DEFINE_string("cpu_collectives", "gloo", "CPU cross-process collectives (gloo|mpi)")
+FLAGS = flags.FLAGS
+
+
+def init_distributed():
+    import jax
+    if FLAGS.num_processes is not None and FLAGS.num_processes > 1:
+        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    elif FLAGS.coordinator_address is None and _cluster_detected():
+        jax.distributed.initialize()
+
+
+def _cluster_detected():
+    """True on environments where jax.distributed.initialize() can find its peers."""
+    return any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                         "MEGASCALE_COORDINATOR_ADDRESS")) \
+        and int(os.environ.get("SLURM_NTASKS", "2")) > 1
+
+
+def setup_logging():
+    """jaxmix's own progress lines on stderr; library chatter (orbax, absl) only if it warns."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log = logging.getLogger("jaxmix")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxmix.errors import ConfigError
+    if FLAGS.config is None:
+        print("error: --config is required, e.g. --config configs/mamba_lm.py", file=sys.stderr)
+        sys.exit(2)
+    setup_logging()
+    stem = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+    workdir = FLAGS.workdir or os.path.join("runs", stem)
+    try:
+        init_distributed()
+        from jaxmix import train
+        train.run(FLAGS.config, workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unknown_override(argv):
+    """The first `--config.a.b=v` whose field path does not exist, as an error line."""
+    import importlib.util
+    spec_arg = next(a.split("=", 1)[1] if "=" in a else argv[i + 1]
+                    for i, a in enumerate(argv) if a.split("=", 1)[0] == "--config")
+    path, _, preset = spec_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("_jaxmix_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset) if preset else module.get_config()
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        node, parts = config, path.split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node.keys():
+                where = ".".join(parts[:i]) or "the config"
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+                return f"--config.{path}: {where} has no field {part!r} (fields: {known})"
+            node = node[part]
+    return None
+
+
+def parse_flags(argv):
+    """absl flag parsing with one-line errors instead of tracebacks."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if value is not None and not os.path.isfile(value.split(":", 1)[0]):
+            print(f"error: --config: no such file {value.split(':', 1)[0]!r}", file=sys.stderr)
+            sys.exit(2)
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a user error here
+        try:
+            message = _unknown_override(argv)
+        except Exception:  # noqa: BLE001 - the config itself failed to load
+            message = None
+        if message is None:
+            lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+            message = lines[-1] if lines else type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    app.run(main, flags_parser=parse_flags)
