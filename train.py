@@ -26,8 +26,8 @@ FLAGS = flags.FLAGS
 def init_distributed():
     import jax
     if FLAGS.num_processes is not None and FLAGS.num_processes > 1:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+        # Only affects the CPU client (tests, laptops); GPU/TPU use their own collectives.
+        jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                    FLAGS.process_id)
     elif FLAGS.coordinator_address is None and _cluster_detected():
@@ -65,6 +65,9 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", stem)
     try:
         init_distributed()
+        import jax
+        if jax.process_index() != 0:  # process 0 speaks for the run
+            logging.getLogger("jaxmix").setLevel(logging.WARNING)
         from jaxmix import train
         train.run(FLAGS.config, workdir)
     except ConfigError as e:

@@ -72,3 +72,21 @@ def batch_sharding(mesh, rules, ndim=2):
     import flax.linen as nn
     spec = nn.logical_to_mesh_axes(("batch", "length") + (None,) * (ndim - 2), rules)
     return NamedSharding(mesh, spec)
+
+
+def process_batch_slice(sharding, global_batch):
+    """(part, parts): this process feeds rows [part*B/parts, (part+1)*B/parts) of the batch.
+
+    Derived from the devices this process owns, so it holds for any mesh: processes
+    whose devices share batch rows (e.g. a pure tensor-parallel mesh) load the same rows.
+    """
+    index_map = sharding.addressable_devices_indices_map((global_batch, 1))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    start, stop = min(starts), max(stops)
+    rows = stop - start
+    if global_batch % rows or start % rows:
+        raise ConfigError(f"mesh: this process's devices hold batch rows [{start}, {stop}) of "
+                          f"{global_batch}, not an even slice; reorder mesh.* so each process "
+                          f"owns whole data/fsdp shards")
+    return start // rows, global_batch // rows

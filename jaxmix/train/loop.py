@@ -27,26 +27,26 @@ def evaluate(eval_step, params, val_batches, to_global):
 class Run:
     """Everything a training run builds before its first step."""
 
-    def __init__(self, config, workdir):
+    def __init__(self, config, workdir, devices=None):
         validate.check_config(config)
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
-        self.mesh = parallel.make_mesh(config.mesh)
+        self.mesh = parallel.make_mesh(config.mesh, devices)
         validate.check_mesh(config, self.mesh, jax.process_count())
         self.rules = parallel.rules_of(config)
         self.model = models.build(config.model)
         self.tx, self.lr = optimizer.make(config.train)
         self.init_fn, self.shardings, self.abstract = state_lib.create(
             self.model, self.tx, self.mesh, self.rules, config.train.seq_len, config.train.seed)
-        self.data = data.build(config, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
+        part, parts = parallel.process_batch_slice(self.batch_sharding, config.train.batch_size)
+        self.data = data.build(config, process_index=part, process_count=parts)
         os.makedirs(workdir, exist_ok=True)
         self.ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  keep=config.train.keep_checkpoints)
         validate.check_workdir(config, workdir, self.ckpt.latest_step() is not None)
         if self.is_main:
             validate.write_config(config, workdir)
-        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
         self.train_step = make_train_step(self.model, self.tx, self.lr, self.mesh, self.rules,
                                           self.shardings, self.batch_sharding)
         self.eval_step = make_eval_step(self.model, self.mesh, self.rules,

@@ -1,0 +1,135 @@
+"""Sharded training on 8 simulated CPU devices, and 2-process runs (2 x 4 devices, gloo)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_train
+
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+MESHES = [[8, 1, 1], [2, 4, 1], [2, 2, 2], [1, 2, 4]]
+
+
+def worker(name, arg, env=EIGHT, timeout=900):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", name), arg],
+                          capture_output=True, text=True, env=dict(os.environ, **env),
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def assert_close(got, want, rtol=1e-5):
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert abs(a - b) <= rtol * abs(b), (step, a, b)
+
+
+CONFIGS = {"mamba_lm": ("configs/mamba_lm.py:smoke", {"train.batch_size": 8})}
+if os.path.exists(os.path.join(ROOT, "configs", "transformer_lm.py")):
+    CONFIGS["transformer_lm"] = ("configs/transformer_lm.py:smoke", {"train.batch_size": 8})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_meshes_match_single_device(family):
+    config, overrides = CONFIGS[family]
+    spec = {"config": config, "overrides": overrides, "meshes": [[]] + MESHES, "steps": 10}
+    rows = worker("sharded_losses.py", json.dumps(spec))
+    single = rows[0]["losses"]
+    for row in rows[1:]:
+        assert_close(row["losses"], single)
+
+
+def test_params_and_optimizer_state_are_sharded():
+    report = worker("sharding_specs.py", "configs/mamba_lm.py:smoke")[0]
+    want = {  # the default rules: embed -> fsdp, mlp/vocab -> tensor
+        "params/embed/embedding": ["tensor", "fsdp"],
+        "params/layers_0/mixer/in_proj": ["fsdp", None, "tensor"],
+        "params/layers_0/mixer/out_proj": ["tensor", "fsdp"],
+        "params/layers_0/mixer/A_log": ["tensor", None],
+        "params/layers_1/norm/scale": ["fsdp"],
+        "opt_state/[1]/[0]/mu/layers_0/mixer/in_proj": ["fsdp", None, "tensor"],
+        "opt_state/[1]/[0]/nu/embed/embedding": ["tensor", "fsdp"],
+    }
+    for name, spec in want.items():
+        assert report[name]["spec"] == spec, (name, report[name])
+        parts = 1
+        for axes in spec:
+            parts *= 2 if axes else 1  # every mesh axis has size 2 here
+        assert report[name]["shard_bytes"] * parts == report[name]["bytes"], name
+    assert report["step"]["spec"] == []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(args, workdir, timeout=900):
+    port = free_port()
+    env = dict(os.environ, **FOUR)
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(workdir), *args,
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        for i in range(2)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+SMOKE8 = ["--config", "configs/mamba_lm.py:smoke", "--config.train.batch_size=8"]
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
+    two, one, cont = tmp_path / "two", tmp_path / "one", tmp_path / "one20"
+    results = run_two_processes(SMOKE8, two)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    ref = run_train(SMOKE8 + ["--config.train.steps=20"], one, EIGHT)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, want = losses(two), losses(one)
+    assert sorted(got) == list(range(2, 11, 2))
+    assert_close([got[s] for s in sorted(got)], [want[s] for s in sorted(got)])
+    # The 2-process checkpoint (step 10, mesh data=8) continues in 1 process on fsdp=8.
+    os.rename(two, cont)
+    resumed = run_train(SMOKE8 + ["--config.train.steps=20", "--config.mesh.data=1",
+                                  "--config.mesh.fsdp=8"], cont, EIGHT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 10" in resumed.stderr
+    got = losses(cont)
+    assert_close([got[s] for s in range(12, 21, 2)], [want[s] for s in range(12, 21, 2)])
+
+
+def test_tensor_axis_must_divide_channels(tmp_path):
+    proc = run_train(["--config", "configs/mamba_lm.py:smoke", "--config.model.d_model=34",
+                      "--config.mesh.data=1", "--config.mesh.tensor=8"], tmp_path, EIGHT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: mesh:") and "mesh.tensor" in last, last
+
+
+def test_batch_must_divide_data_times_fsdp(tmp_path):
+    proc = run_train(["--config", "configs/mamba_lm.py:smoke", "--config.train.batch_size=6",
+                      "--config.mesh.data=2", "--config.mesh.fsdp=4"], tmp_path, EIGHT)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "mesh.data*mesh.fsdp=8" in last, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_process_count_must_divide_batch(tmp_path):
+    results = run_two_processes(["--config", "configs/mamba_lm.py:smoke",
+                                 "--config.train.batch_size=3", "--config.mesh.data=1",
+                                 "--config.mesh.tensor=8"], tmp_path, timeout=300)
+    for rc, err in results:
+        assert rc == 2 and "Traceback" not in err, err[-2000:]
+        assert "not divisible by the 2 processes" in err.strip().splitlines()[-1]
