@@ -20,7 +20,8 @@ def base_config():
         mixer_pattern=("mamba",), d_state=16, expand=2, d_conv=4, dt_rank=0,
         d_ff=0, tie_embeddings=True, norm_eps=1e-5, dtype="float32",
         scan_impl="auto", attn_impl="auto", n_heads=4, n_kv_heads=4, head_dim=0,
-        rope_theta=10000.0, sliding_window=0, remat=False))
+        rope_theta=10000.0, sliding_window=0, remat=False, proj_bias=False,
+        mlp_bias=False))
     c.train = ml_collections.ConfigDict(dict(
         steps=600, decay_steps=600, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
@@ -29,7 +30,8 @@ def base_config():
     c.data = ml_collections.ConfigDict(dict(source="stdlib", val_fraction=0.02, shuffle=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
-    c.init_from = ""
+    c.init_from = ""  # an HF model directory or a jaxmix workdir to start from
+    c.sample_at_end = True
     return c
 
 

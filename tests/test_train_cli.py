@@ -121,3 +121,14 @@ def test_incompatible_workdir(tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     bad = run_train(SMOKE + ["--config.model.d_model=48"], tmp_path)
     one_line_error(bad, "model.d_model", "--workdir")
+
+
+@pytest.mark.slow
+def test_init_from_workdir_and_sample(straight_run, tmp_path):
+    proc = run_train(SMOKE + ["--config.train.steps=2", f"--config.init_from={straight_run}"],
+                     tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"initialised params from {straight_run}" in proc.stderr
+    assert "--- sample ---" in proc.stdout
+    # Starts from the trained weights: far below a fresh model's first loss.
+    assert losses(tmp_path)[2] < losses(straight_run)[2] - 0.3

@@ -12,6 +12,7 @@ from jaxmix.errors import ConfigError
 # name -> "module:Class"; adding a mixer is one file plus one line here.
 REGISTRY = {
     "mamba": "jaxmix.mixers.mamba:Mamba",
+    "attention": "jaxmix.mixers.attention:Attention",
 }
 
 

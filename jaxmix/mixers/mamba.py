@@ -71,6 +71,10 @@ class Mamba(nn.Module):
         w_in = param_with_axes(self, "in_proj", torch_linear_init, (d_model, 2, d_inner),
                                ("embed", None, "mlp"))
         xz = jnp.einsum("bld,dki->blki", x_BLD.astype(dtype), w_in.astype(dtype))
+        use_bias = cfg.get("proj_bias", False)  # HF MambaConfig.use_bias (mamba_ssm: False)
+        if use_bias:
+            xz = xz + param_with_axes(self, "in_proj_bias", nn.initializers.zeros,
+                                      (2, d_inner), (None, "mlp")).astype(dtype)
         x_BLI = constrain(xz[:, :, 0], ("batch", "length", "mlp"))
         z_BLI = constrain(xz[:, :, 1], ("batch", "length", "mlp"))
 
@@ -103,6 +107,9 @@ class Mamba(nn.Module):
         w_out = param_with_axes(self, "out_proj", scaled_init(torch_linear_init, cfg.n_layers),
                                 (d_inner, d_model), ("mlp", "embed"))
         y_BLD = jnp.dot(y_BLI.astype(dtype), w_out.astype(dtype))
+        if use_bias:
+            y_BLD = y_BLD + param_with_axes(self, "out_proj_bias", nn.initializers.zeros,
+                                            (d_model,), ("embed",)).astype(dtype)
         new_cache = {"conv": conv_state, "ssm": ssm_state} if decode else None
         return y_BLD, new_cache, {}
 

@@ -59,12 +59,32 @@ class Run:
     def initial_state(self):
         """(state, data iterator, start step): fresh, or restored from the latest checkpoint."""
         latest = self.ckpt.latest_step()
+        if latest is None and self.config.get("init_from"):
+            return self.state_from(self.config.init_from), self.data.train_iter, 0
         if latest is None:
             return self.init_fn(), self.data.train_iter, 0
         state, data_ok = self.ckpt.restore(latest, self.abstract, self.data.train_iter)
         it = self.data.train_iter if data_ok else self.data.seek(latest)
         log.info("resumed from step %d in %s", latest, self.workdir)
         return state, it, latest
+
+
+    def state_from(self, path):
+        """A fresh train state whose params come from an HF directory or a jaxmix workdir."""
+        from jaxmix.convert import hf
+        params = jax.device_put(hf.load_params(path, self.config.model), self.shardings.params)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+        log.info("initialised params from %s", path)
+        return self.init_fn().replace(params=params, opt_state=opt_state)
+
+    def print_sample(self, params, prompt="def ", n_tokens=120):
+        """A short sample at the end of a run (byte-level models, process 0)."""
+        if not self.is_main or self.config.model.vocab_size != 256:
+            return
+        from jaxmix.generate import sample_text
+        text = sample_text(self.model, params, prompt, n_tokens, temperature=0.8,
+                           rng=jax.random.PRNGKey(0))
+        print(f"--- sample ---\n{prompt}{text}\n--------------", flush=True)
 
 
 def run(config, workdir):
@@ -113,4 +133,6 @@ def run(config, workdir):
         r.ckpt.close()
         writer.close()
     plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
+    if config.get("sample_at_end", True):
+        r.print_sample(state.params)
     return val_bpb

@@ -18,7 +18,7 @@ def decay_mask(params):
     """Weight decay on matrices only; never on norms, biases, A_log or D."""
     def keep(path, leaf):
         name = str(getattr(path[-1], "key", path[-1]))
-        return leaf.ndim >= 2 and name not in ("A_log",)
+        return leaf.ndim >= 2 and name != "A_log" and not name.endswith("bias")
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

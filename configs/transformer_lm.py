@@ -1,0 +1,68 @@
+"""Byte-level Llama-style Transformer LM (and Mamba/attention hybrids).
+
+Pre-norm RMSNorm blocks: attention (GQA, rotary embeddings) then a SwiGLU MLP
+(the LM backbone adds it because d_ff > 0). Embeddings tied or not by
+`model.tie_embeddings`.
+
+Presets: `default` (CPU, minutes), `smoke` (seconds, tests), `hybrid` (two Mamba
+layers per attention layer, CPU-sized) and pod-scale Llama shapes with a byte
+vocabulary: `llama-160m`, `llama-410m`, `llama-1b`, `llama-7b`, `llama-8b`.
+  python train.py --config configs/transformer_lm.py[:PRESET] [--config.a.b=value ...]
+"""
+import importlib.util
+import os
+
+
+def _mamba_lm():
+    """configs/mamba_lm.py, loaded by path (works whatever sys.path holds)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mamba_lm.py")
+    spec = importlib.util.spec_from_file_location("_jaxmix_configs_mamba_lm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, rope_theta)
+POD_SHAPES = {
+    "llama-160m": (768, 12, 12, 12, 2048, 10000.0),
+    "llama-410m": (1024, 24, 16, 16, 2816, 10000.0),
+    "llama-1b": (2048, 16, 32, 8, 8192, 500000.0),     # Llama-3.2-1B shape
+    "llama-7b": (4096, 32, 32, 32, 11008, 10000.0),    # Llama-2-7B shape
+    "llama-8b": (4096, 32, 32, 8, 14336, 500000.0),    # Llama-3-8B shape
+}
+
+
+def base_config():
+    c = _mamba_lm().base_config()
+    c.model.update(mixer_pattern=("attention",), d_model=256, n_layers=4, n_heads=4,
+                   n_kv_heads=2, head_dim=0, d_ff=512, rope_theta=10000.0, sliding_window=0,
+                   attn_impl="auto", attn_bias=False, max_cache_len=2048,
+                   tie_embeddings=True)
+    c.train.update(learning_rate=2e-3)
+    return c
+
+
+def get_config(preset="default"):
+    c = base_config()
+    if preset in ("default", ""):
+        pass
+    elif preset == "smoke":
+        c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, d_state=4)
+        c.train.update(steps=10, batch_size=4, seq_len=32, warmup_steps=2, log_every=2,
+                       eval_every=5, eval_batches=2, checkpoint_every=5)
+    elif preset == "hybrid":
+        c.model.update(mixer_pattern=("mamba", "mamba", "attention"), n_layers=3)
+    elif preset in POD_SHAPES:
+        d_model, n_layers, n_heads, n_kv_heads, d_ff, theta = POD_SHAPES[preset]
+        c.model.update(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, d_ff=d_ff, rope_theta=theta,
+                       tie_embeddings=False, dtype="bfloat16", remat=True,
+                       max_cache_len=8192)
+        c.train.update(steps=100_000, batch_size=256, seq_len=2048, learning_rate=3e-4,
+                       warmup_steps=2000, log_every=50, eval_every=2000,
+                       checkpoint_every=1000)
+        c.mesh.update(data=-1, fsdp=1)
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose default, smoke, hybrid or "
+                         f"{', '.join(POD_SHAPES)}")
+    return c

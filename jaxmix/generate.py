@@ -1,0 +1,268 @@
+"""Sampling from a jaxmix LM: one jit'd prefill, then a jit'd `lax.scan` over new tokens.
+
+The cache is the LM's decode cache (one entry per layer): Mamba layers carry their
+conv window and [B, D, N] SSM state (constant memory per token), attention layers a
+KV cache preallocated for prompt + new tokens.
+
+  python -m jaxmix.generate --workdir runs/mamba_lm --prompt "def "
+"""
+import argparse
+import functools
+import inspect
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxmix import mixers, models
+from jaxmix.errors import ConfigError
+from jaxmix.models.layers import compute_dtype
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_logits(logits_BV, key, temperature=1.0, top_k=None, top_p=None):
+    """One token per row: argmax when temperature == 0, else a draw from the filtered
+    softmax(logits / temperature) (top-k, then nucleus top-p)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None and top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass strictly above each
+        keep_B = jnp.maximum(jnp.sum(before_BV < top_p, axis=-1), 1)
+        cutoff_B1 = jnp.take_along_axis(sorted_BV, keep_B[:, None] - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def init_cache(model, batch, max_len):
+    """The decode cache before the prompt: one entry per layer. Mixers whose
+    `init_cache` takes a `max_len` (KV caches) are preallocated for `max_len` tokens;
+    the others start from None (zeros, built by the mixer itself)."""
+    cfg = model.cfg
+    cache = []
+    for kind in models.layer_kinds(cfg):
+        cls = mixers.get(kind)
+        fn = getattr(cls, "init_cache", None)
+        params = inspect.signature(fn).parameters if fn is not None else {}
+        if "max_len" in params:
+            kw = {"d_model": cfg.d_model} if "d_model" in params else {}
+            if "dtype" in params:
+                kw["dtype"] = compute_dtype(cfg)
+            cache.append(cls(cfg).init_cache(batch, max_len=max_len, **kw))
+        else:
+            cache.append(None)
+    return cache
+
+
+# ----------------------------------------------------------------------------- jit'd parts
+
+@functools.lru_cache(maxsize=32)
+def make_prefill(model):
+    """jit'd (params, prompt_BL, cache) -> (last logits [B, V], cache after the prompt)."""
+    def prefill(params, prompt_BL, cache):
+        logits, _, cache = model.apply({"params": params}, prompt_BL, decode=True, cache=cache)
+        return logits[:, -1, :model.cfg.vocab_size], cache
+    return jax.jit(prefill)
+
+
+@functools.lru_cache(maxsize=32)
+def make_decode(model, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    """jit'd (params, logits_BV, cache, rng) -> new tokens [B, max_new_tokens].
+
+    Samples the first token from the prefill's logits, then a `lax.scan` of
+    max_new_tokens - 1 single-token steps carrying (cache, token)."""
+    vocab = model.cfg.vocab_size
+    pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def decode(params, logits_BV, cache, rng):
+        keys = jax.random.split(rng, max_new_tokens)
+        first_B = pick(logits_BV, keys[0])
+
+        def step(carry, key):
+            cache, tok_B = carry
+            logits, _, cache = model.apply({"params": params}, tok_B[:, None], decode=True,
+                                           cache=cache)
+            nxt_B = pick(logits[:, -1, :vocab], key)
+            return (cache, nxt_B), nxt_B
+
+        _, rest_TB = jax.lax.scan(step, (cache, first_B), keys[1:])
+        return jnp.concatenate([first_B[:, None], rest_TB.T], axis=1)
+    return jax.jit(decode)
+
+
+def check_sampling(temperature, top_k, top_p, max_new_tokens):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be positive (or None/0 for no top-k)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+
+
+def generate(model, params, prompt_BL, *, max_new_tokens, temperature=1.0, top_k=None,
+             top_p=None, rng=None):
+    """New tokens int32 [B, max_new_tokens] continuing `prompt_BL` (int [B, L], L >= 1).
+
+    temperature=0.0 is greedy decoding; top_k / top_p filter the sampled distribution.
+    Tokens are drawn from the real vocabulary only (never the padding rows)."""
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    prompt_BL = jnp.asarray(prompt_BL, jnp.int32)
+    if prompt_BL.ndim != 2 or prompt_BL.shape[1] < 1:
+        raise ValueError(f"prompt_BL has shape {prompt_BL.shape}; want [batch, length >= 1]")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    top_k = min(int(top_k), model.cfg.vocab_size) if top_k else None
+    top_p = float(top_p) if top_p is not None and top_p < 1.0 else None
+    batch, length = prompt_BL.shape
+    cache = init_cache(model, batch, length + max_new_tokens)
+    logits_BV, cache = make_prefill(model)(params, prompt_BL, cache)
+    decode = make_decode(model, int(max_new_tokens), float(temperature), top_k, top_p)
+    return decode(params, logits_BV, cache, rng)
+
+
+# ----------------------------------------------------------------------------- text
+
+def encode_bytes(prompt):
+    """A byte-level prompt [1, L] (an empty prompt starts from a newline)."""
+    data = prompt.encode("utf-8") or b"\n"
+    return np.frombuffer(data, np.uint8).astype(np.int32)[None, :]
+
+
+def decode_bytes(tokens):
+    return bytes(np.asarray(tokens, np.int64).clip(0, 255).astype(np.uint8)).decode(
+        "utf-8", "replace")
+
+
+def sample_text(model, params, prompt, max_new_tokens, **kw):
+    """Continues the text `prompt` with a byte-level model; returns only the new text."""
+    if model.cfg.vocab_size != 256:
+        raise ConfigError(f"sample_text: model.vocab_size={model.cfg.vocab_size} is not a "
+                          f"byte-level vocabulary (256); tokenize yourself and call generate()")
+    out = generate(model, params, encode_bytes(prompt), max_new_tokens=max_new_tokens, **kw)
+    return decode_bytes(np.asarray(out)[0])
+
+
+# ----------------------------------------------------------------------------- workdirs
+
+def read_config(workdir):
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--workdir {workdir}: no config.json there; point it at a "
+                          f"train.py or `python -m jaxmix.convert` workdir")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(checkpoint_dir, step=None):
+    """(params, step): the params subtree only of the TrainState saved at `step`
+    (default: the latest), as host-local arrays on the default device."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f"{checkpoint_dir}: no checkpoint there yet; train first "
+                          f"(train.py saves every train.checkpoint_every steps)")
+    tree = manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          tree["params"])
+    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        {"params": target}, restore_args={"params": args}, partial_restore=True)))
+    manager.close()
+    return restored["state"]["params"], step
+
+
+def check_params(model, params, where):
+    """One-line error when `params` do not fit `model` (names or shapes)."""
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, 1), jnp.int32))["params"])
+    import flax.linen as nn
+    want = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    name = lambda path: "/".join(str(getattr(p, "key", p)) for p in path)
+    have = {name(p): v for p, v in got.items()}
+    for path, leaf in want:
+        if name(path) not in have:
+            raise ConfigError(f"{where}: param {name(path)} is missing; the checkpoint was "
+                              f"written for another model config")
+        if tuple(have[name(path)].shape) != tuple(leaf.shape):
+            raise ConfigError(f"{where}: param {name(path)} has shape "
+                              f"{tuple(have[name(path)].shape)}, the model wants "
+                              f"{tuple(leaf.shape)}")
+
+
+def load_workdir(workdir, step=None):
+    """(model, params, config) from a workdir: its config.json and the params of its
+    latest (or `step`'s) checkpoint; the optimizer state is not read."""
+    config = read_config(workdir)
+    model = models.build(config.model)
+    params, _ = restore_params(os.path.join(workdir, "checkpoints"), step)
+    check_params(model, params, f"--workdir {workdir}")
+    return model, params, config
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _tokenizer(workdir):
+    """An HF tokenizer saved next to a converted checkpoint, or None."""
+    path = os.path.join(workdir, "tokenizer")
+    if not os.path.isdir(path):
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jaxmix.generate",
+                                description="Sample text from a jaxmix workdir.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        check_sampling(a.temperature, a.top_k, a.top_p, a.max_new_tokens)
+        model, params, config = load_workdir(a.workdir)
+        kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                  top_p=a.top_p, rng=jax.random.PRNGKey(a.seed))
+        if config.model.vocab_size == 256:
+            text = sample_text(model, params, a.prompt, **kw)
+        else:
+            tok = _tokenizer(a.workdir)
+            if tok is None:
+                raise ConfigError(f"--workdir {a.workdir}: vocab_size={config.model.vocab_size} "
+                                  f"needs a tokenizer; install the `hf` extra and convert with "
+                                  f"a directory that holds tokenizer files")
+            ids = np.asarray([tok.encode(a.prompt or "\n")], np.int32)
+            text = tok.decode(np.asarray(generate(model, params, ids, **kw))[0])
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(a.prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
