@@ -35,21 +35,30 @@ def base_config():
     return c
 
 
+def smoke_train(c):
+    """The `smoke` preset's run shape (seconds on a CPU), shared by every config file."""
+    c.train.update(steps=10, decay_steps=10, batch_size=4, seq_len=32, warmup_steps=2,
+                   log_every=2, eval_every=5, eval_batches=2, checkpoint_every=5)
+
+
+def pod_train(c, learning_rate):
+    """The run shape of the pod-scale presets."""
+    c.train.update(steps=100_000, decay_steps=100_000, batch_size=256, seq_len=2048,
+                   learning_rate=learning_rate, warmup_steps=2000, log_every=50,
+                   eval_every=2000, checkpoint_every=1000)
+
+
 def get_config(preset="default"):
     c = base_config()
     if preset in ("default", ""):
         pass
     elif preset == "smoke":
         c.model.update(d_model=32, n_layers=2, d_state=4)
-        c.train.update(steps=10, decay_steps=10, batch_size=4, seq_len=32, warmup_steps=2, log_every=2,
-                       eval_every=5, eval_batches=2, checkpoint_every=5)
+        smoke_train(c)
     elif preset in POD_SHAPES:
         d_model, n_layers = POD_SHAPES[preset]
         c.model.update(d_model=d_model, n_layers=n_layers, dtype="bfloat16", remat=True)
-        c.model.vocab_size = 256
-        c.train.update(steps=100_000, decay_steps=100_000, batch_size=256, seq_len=2048, learning_rate=6e-4,
-                       warmup_steps=2000, log_every=50, eval_every=2000,
-                       checkpoint_every=1000)
+        pod_train(c, learning_rate=6e-4)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose default, smoke or "
                          f"{', '.join(POD_SHAPES)}")

@@ -43,13 +43,13 @@ def base_config():
 
 
 def get_config(preset="default"):
+    mamba_lm = _mamba_lm()
     c = base_config()
     if preset in ("default", ""):
         pass
     elif preset == "smoke":
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, d_state=4)
-        c.train.update(steps=10, batch_size=4, seq_len=32, warmup_steps=2, log_every=2,
-                       eval_every=5, eval_batches=2, checkpoint_every=5)
+        mamba_lm.smoke_train(c)
     elif preset == "hybrid":
         c.model.update(mixer_pattern=("mamba", "mamba", "attention"), n_layers=3)
     elif preset in POD_SHAPES:
@@ -58,10 +58,7 @@ def get_config(preset="default"):
                        n_kv_heads=n_kv_heads, d_ff=d_ff, rope_theta=theta,
                        tie_embeddings=False, dtype="bfloat16", remat=True,
                        max_cache_len=8192)
-        c.train.update(steps=100_000, batch_size=256, seq_len=2048, learning_rate=3e-4,
-                       warmup_steps=2000, log_every=50, eval_every=2000,
-                       checkpoint_every=1000)
-        c.mesh.update(data=-1, fsdp=1)
+        mamba_lm.pod_train(c, learning_rate=3e-4)
     else:
         raise ValueError(f"unknown preset {preset!r}; choose default, smoke, hybrid or "
                          f"{', '.join(POD_SHAPES)}")

@@ -27,9 +27,11 @@ def assert_close(got, want, rtol=1e-5):
         assert abs(a - b) <= rtol * abs(b), (step, a, b)
 
 
-CONFIGS = {"mamba_lm": ("configs/mamba_lm.py:smoke", {"train.batch_size": 8})}
-if os.path.exists(os.path.join(ROOT, "configs", "transformer_lm.py")):
-    CONFIGS["transformer_lm"] = ("configs/transformer_lm.py:smoke", {"train.batch_size": 8})
+CONFIGS = {
+    "mamba_lm": ("configs/mamba_lm.py:smoke", {"train.batch_size": 8}),
+    "transformer_lm": ("configs/transformer_lm.py:smoke", {  # GQA 2:1
+        "train.batch_size": 8, "model.n_heads": 8, "model.n_kv_heads": 4}),
+}
 
 
 @pytest.mark.slow
