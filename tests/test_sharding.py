@@ -135,3 +135,16 @@ def test_process_count_must_divide_batch(tmp_path):
     for rc, err in results:
         assert rc == 2 and "Traceback" not in err, err[-2000:]
         assert "not divisible by the 2 processes" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/mamba_lm.py:smoke", "configs/transformer_lm.py:hybrid"])
+def test_sequence_parallel_train_step_matches_single_device(config):
+    """mesh.sequence=4 (ring attention, sequence-parallel scan) gives the sequence=1 losses."""
+    overrides = {"train.batch_size": 2, "train.seq_len": 64}
+    if "hybrid" in config:
+        overrides.update({"model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
+                          "model.d_ff": 64, "model.d_state": 4})
+    spec = {"config": config, "overrides": overrides, "meshes": [[], [2, 1, 1, 4]], "steps": 4}
+    rows = worker("sharded_losses.py", json.dumps(spec))
+    assert_close(rows[1]["losses"], rows[0]["losses"])

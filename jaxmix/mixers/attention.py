@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmix import ops
+from jaxmix import ops, parallel
 from jaxmix.errors import ConfigError
 from jaxmix.models.layers import (DenseGeneral, compute_dtype, constrain, scaled_init,
                                   torch_linear_init)
@@ -99,8 +99,10 @@ class Attention(nn.Module):
                                    impl="reference" if impl == "reference" else "xla",
                                    q_positions=q_pos_BL, kv_positions=kv_pos)
         else:
-            o_BLHD = ops.attention(q_BLHD, k_BLKD, v_BLKD, causal=True,
-                                   segment_ids=segment_ids, sliding_window=window, impl=impl)
+            # Ring attention over the mesh's `sequence` axis when it is > 1, else ops.attention.
+            o_BLHD = parallel.sequence_parallel_attention(
+                q_BLHD, k_BLKD, v_BLKD, causal=True, segment_ids=segment_ids,
+                sliding_window=window, impl=impl, layout=cfg.get("ring_layout", "zigzag"))
         o_BLHD = constrain(o_BLHD, ("batch", "length", "heads", "kv"))
         out_init = scaled_init(torch_linear_init, cfg.n_layers)
         y_BLD = DenseGeneral(d_model, ("heads", "embed"), use_bias=bias, init=out_init,

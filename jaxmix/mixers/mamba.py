@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmix import ops
+from jaxmix import ops, parallel
 from jaxmix.models.layers import (DenseGeneral, compute_dtype, constrain, param_with_axes,
                                   scaled_init, torch_linear_init)
 
@@ -98,7 +98,10 @@ class Mamba(nn.Module):
 
         A_log = param_with_axes(self, "A_log", a_log_init, (d_inner, n), ("mlp", "state"))
         D = param_with_axes(self, "D", nn.initializers.ones, (d_inner,), ("mlp",))
-        y_BLI, ssm_state = ops.selective_scan(
+        # Sequence-parallel over the mesh's `sequence` axis when it is > 1 (training and
+        # prefill); a decode step continues one device's state.
+        scan = ops.selective_scan if decode else parallel.sequence_parallel_selective_scan
+        y_BLI, ssm_state = scan(
             x_BLI, dt_BLI, -jnp.exp(A_log), B_BLN, C_BLN, D, z_BLI, delta_bias=dt_b,
             delta_softplus=True, initial_state=cache["ssm"] if decode else None,
             return_last_state=True, impl=cfg.get("scan_impl", "auto"))

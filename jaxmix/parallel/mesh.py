@@ -68,9 +68,13 @@ def replicated(mesh):
 
 
 def batch_sharding(mesh, rules, ndim=2):
-    """Sharding of a [batch, length, ...] array under the rules."""
+    """Sharding of a token batch [batch, length + 1, ...]: split over the batch axes only.
+
+    The length (seq_len + 1: inputs plus shifted targets) stays whole; the model's
+    activation constraints split the sequence over `sequence` after the embedding.
+    """
     import flax.linen as nn
-    spec = nn.logical_to_mesh_axes(("batch", "length") + (None,) * (ndim - 2), rules)
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
     return NamedSharding(mesh, spec)
 
 

@@ -1,6 +1,7 @@
 """Worker (run in a subprocess with 8 simulated CPU devices): per-mesh smoke losses.
 
-argv[1]: JSON {"config": "configs/x.py:preset", "overrides": {...}, "meshes": [[d,f,t], ...],
+argv[1]: JSON {"config": "configs/x.py:preset", "overrides": {...},
+               "meshes": [[data, fsdp, tensor(, sequence)], ...],
                "steps": N}. Prints one JSON line per mesh: {"mesh": [...], "losses": [...]},
 with mesh [] meaning a single device.
 """
@@ -39,7 +40,8 @@ def main():
             section, field = key.split(".")
             config[section][field] = value
         if mesh:
-            config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2], sequence=1)
+            sizes = list(mesh) + [1] * (4 - len(mesh))  # [data, fsdp, tensor(, sequence)]
+            config.mesh.update(dict(zip(("data", "fsdp", "tensor", "sequence"), sizes)))
             devices = None
         else:
             config.mesh.update(data=1, fsdp=1, tensor=1, sequence=1)

@@ -1,0 +1,235 @@
+"""Sequence-parallel Mamba: the selective scan and the conv1d halo across devices.
+
+The recurrence h_t = a_t * h_{t-1} + b_t (a_t = exp(delta_t A), elementwise over
+[B, D, N]) is split over the N devices of `axis_name`, each holding L/N steps:
+  1. every device scans its chunk from a zero state (`ops.selective_scan`, any
+     impl), giving local outputs and its final state h_i;
+  2. its chunk decay is P_i = prod_t a_t = exp(A * sum_t delta_t) ([B, D, N]);
+  3. the small (P_i, h_i) pairs are all-gathered and each device folds the ones
+     to its left (an exclusive prefix): h_in = P_{i-1} h_in' + h_{i-1} ..., starting
+     from the initial state (or zeros);
+  4. the carried-in state reaches step t of the chunk decayed by
+     exp(A * S_t) with S_t = cumsum(delta)_t, so the outputs get
+        y_t += sum_n C_t[n] exp(A[:, n] S_t) h_in[:, n]
+     computed over blocks of time steps ([B, T, D, N] temporaries of ~4 MiB, never
+     [B, L/N, D, N]) with a hand-written backward that recomputes the decays.
+The gating by silu(z) is applied after the correction. Gradients are exact
+(autodiff through all_gather and the local scan's own custom_vjp).
+
+`conv_halo` gives each device the previous width-1 tokens of its left neighbour
+(zeros on device 0) for the causal depthwise conv1d.
+
+Inside shard_map use `selective_scan_shard` / `conv_halo` (with `check_vma=False`:
+the scan kernels' loop carries are not vma-annotated). From a jit'd model under
+`jax.set_mesh(mesh)` use `sequence_parallel_selective_scan` /
+`sequence_parallel_causal_conv`, which do the shard_map over `axis_name` only.
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jaxmix import ops
+from jaxmix.ops.selective_scan import check_shapes, prepare_delta
+from jaxmix.parallel.zigzag import mesh_axis_size
+
+
+# Time steps per block of the carry-in correction: its [B, T, D, N] temporaries ~4 MiB.
+CARRY_BLOCK_BYTES = 4 << 20
+
+
+def _carry_block(shape_BLD, n):
+    b, length, d = shape_BLD
+    t = CARRY_BLOCK_BYTES // max(1, 4 * b * d * n)
+    return int(max(8, min(length, t)))
+
+
+def _blocks(x_BL_, t):
+    """[B, L, ...] -> [nb, B, t, ...] (zero padded at the end)."""
+    length = x_BL_.shape[1]
+    nb = -(-length // t)
+    x = jnp.pad(x_BL_, ((0, 0), (0, nb * t - length)) + ((0, 0),) * (x_BL_.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], nb, t, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x_nBt_, length):
+    x = jnp.moveaxis(x_nBt_, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
+
+
+@jax.custom_vjp
+def _carry_in(C_BLN, S_BLD, A_DN, h_BDN):
+    """sum_n C[b,t,n] exp(A[d,n] S[b,t,d]) h[b,d,n] -> [B, L, D] (fp32).
+
+    Walks time in blocks of T steps so only [B, T, D, N] is ever formed, forward
+    and backward (a hand-written vjp: autodiff would keep [B, L, D, N] residuals).
+    """
+    t = _carry_block(S_BLD.shape, A_DN.shape[1])
+
+    def block(_, xs):
+        c_BTN, s_BTD = xs
+        e = jnp.exp(s_BTD[..., None] * A_DN)
+        return None, jnp.einsum("btdn,btn,bdn->btd", e, c_BTN, h_BDN)
+
+    _, out = lax.scan(block, None, (_blocks(C_BLN, t), _blocks(S_BLD, t)))
+    return _unblocks(out, S_BLD.shape[1])
+
+
+def _carry_in_fwd(C_BLN, S_BLD, A_DN, h_BDN):
+    return _carry_in(C_BLN, S_BLD, A_DN, h_BDN), (C_BLN, S_BLD, A_DN, h_BDN)
+
+
+def _carry_in_bwd(res, g_BLD):
+    C_BLN, S_BLD, A_DN, h_BDN = res
+    length, t = S_BLD.shape[1], _carry_block(S_BLD.shape, A_DN.shape[1])
+
+    def block(carry, xs):
+        dA_DN, dh_BDN = carry
+        c_BTN, s_BTD, g_BTD = xs
+        e = jnp.exp(s_BTD[..., None] * A_DN)
+        ge = g_BTD[..., None] * e                          # [B, T, D, N]
+        dc_BTN = jnp.einsum("btdn,bdn->btn", ge, h_BDN)
+        gce = ge * c_BTN[:, :, None, :]
+        dh_BDN = dh_BDN + gce.sum(1)
+        r = gce * h_BDN[:, None]
+        ds_BTD = jnp.einsum("btdn,dn->btd", r, A_DN)
+        dA_DN = dA_DN + jnp.einsum("btdn,btd->dn", r, s_BTD)
+        return (dA_DN, dh_BDN), (dc_BTN, ds_BTD)
+
+    xs = (_blocks(C_BLN, t), _blocks(S_BLD, t), _blocks(g_BLD, t))
+    init = (jnp.zeros_like(A_DN), jnp.zeros_like(h_BDN))
+    (dA_DN, dh_BDN), (dc, ds) = lax.scan(block, init, xs)
+    return _unblocks(dc, length), _unblocks(ds, length), dA_DN, dh_BDN
+
+
+_carry_in.defvjp(_carry_in_fwd, _carry_in_bwd)
+
+
+def _fold(P_JBDN, h_JBDN, h0_BDN, upto):
+    """State after the chunks j < upto (all of them when upto is None), from h0."""
+    h = h0_BDN
+    for j in range(P_JBDN.shape[0]):
+        nxt = P_JBDN[j] * h + h_JBDN[j]
+        h = nxt if upto is None else jnp.where(j < upto, nxt, h)
+    return h
+
+
+def selective_scan_shard(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                         delta_softplus=False, initial_state=None, return_last_state=False,
+                         impl="auto", axis_name="sequence"):
+    """`ops.selective_scan` of the whole sequence, called on this device's shard.
+
+    u, delta, z [B, L/N, D] and B, C [B, L/N, N] are this device's (contiguous)
+    shards; A, D, delta_bias and initial_state [B, D, N] are the full (replicated)
+    arrays. The returned last state is the global one (the same on every device).
+    """
+    check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dl_BLD = prepare_delta(delta, delta_bias, delta_softplus)
+    A_DN = A.astype(jnp.float32)
+    y_BLD, h_BDN = ops.selective_scan(u.astype(jnp.float32), dl_BLD, A_DN, B, C, D=D,
+                                      return_last_state=True, impl=impl)
+    S_BLD = jnp.cumsum(dl_BLD, axis=1)
+    P_BDN = jnp.exp(S_BLD[:, -1, :, None] * A_DN)
+    P_all = lax.all_gather(P_BDN, axis_name)
+    h_all = lax.all_gather(h_BDN, axis_name)
+    h0_BDN = (jnp.zeros_like(h_BDN) if initial_state is None
+              else initial_state.astype(jnp.float32))
+    h_in_BDN = _fold(P_all, h_all, h0_BDN, lax.axis_index(axis_name))
+    y_BLD = y_BLD + _carry_in(C.astype(jnp.float32), S_BLD, A_DN, h_in_BDN)
+    if z is not None:
+        y_BLD = y_BLD * jax.nn.silu(z.astype(jnp.float32))
+    y_BLD = y_BLD.astype(u.dtype)
+    if return_last_state:
+        return y_BLD, _fold(P_all, h_all, h0_BDN, None)
+    return y_BLD
+
+
+def conv_halo(x_BLD, width, axis_name="sequence"):
+    """[B, width-1, D]: the last width-1 tokens of the left neighbour (zeros on device 0)."""
+    n = lax.axis_size(axis_name)
+    if width - 1 > x_BLD.shape[1]:
+        raise ValueError(f"conv_halo: the per-device length {x_BLD.shape[1]} is shorter than "
+                         f"the conv halo {width - 1}; use fewer sequence shards")
+    halo = x_BLD[:, x_BLD.shape[1] - (width - 1):]
+    return lax.ppermute(halo, axis_name, [(i, i + 1) for i in range(n - 1)])
+
+
+def causal_conv_shard(x_BLD, w_KD, bias_D, axis_name="sequence"):
+    """Depthwise causal conv y_t = sum_k w[k] x_{t-K+1+k} + bias on this device's shard."""
+    width, length = w_KD.shape[0], x_BLD.shape[1]
+    xp = x_BLD
+    if width > 1:
+        xp = jnp.concatenate([conv_halo(x_BLD, width, axis_name).astype(x_BLD.dtype), x_BLD], 1)
+    y = sum(xp[:, i:i + length] * w_KD[i] for i in range(width))
+    return y if bias_D is None else y + bias_D
+
+
+def _check_length(length, n, axis_name, what):
+    if length % n:
+        raise ValueError(f"{what}: length {length} must be a multiple of mesh.{axis_name}={n}; "
+                         f"change train.seq_len")
+
+
+def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                                     delta_softplus=False, initial_state=None,
+                                     return_last_state=False, impl="auto",
+                                     axis_name="sequence"):
+    """`ops.selective_scan` on global arrays, sequence-parallel over the ambient mesh.
+
+    Same signature and result as `ops.selective_scan`; when the mesh set by
+    `jax.set_mesh` has `axis_name` > 1 the length is split over it (only that axis
+    goes manual; batch and channels keep their automatic sharding). Otherwise it is
+    exactly `ops.selective_scan`.
+    """
+    n = mesh_axis_size(axis_name)
+    if n == 1:
+        return ops.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus, initial_state=initial_state,
+                                  return_last_state=return_last_state, impl=impl)
+    check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _check_length(u.shape[1], n, axis_name, "sequence_parallel_selective_scan")
+    seq, rep = P(None, axis_name), P()
+    sharded = {"u": u, "delta": delta, "B": B, "C": C}
+    if z is not None:
+        sharded["z"] = z
+    replicated = {"A": A}
+    for name, arr in (("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)):
+        if arr is not None:
+            replicated[name] = arr
+
+    def body(sharded, replicated):
+        return selective_scan_shard(**sharded, **replicated, delta_softplus=delta_softplus,
+                                    return_last_state=return_last_state, impl=impl,
+                                    axis_name=axis_name)
+
+    out_specs = (seq, rep) if return_last_state else seq
+    fn = jax.shard_map(body, in_specs=(seq, rep), out_specs=out_specs, axis_names={axis_name},
+                       check_vma=False)
+    return fn(sharded, replicated)
+
+
+def sequence_parallel_causal_conv(x_BLD, w_KD, bias_D=None, axis_name="sequence"):
+    """Depthwise causal conv over global [B, L, D] with an explicit ppermute halo.
+
+    (Under plain jit the global-view conv is also correct: XLA's SPMD partitioner
+    inserts its own halo exchange. This is the explicit, shard_map version.)
+    """
+    n = mesh_axis_size(axis_name)
+    if n == 1:
+        return causal_conv_shard_local(x_BLD, w_KD, bias_D)
+    _check_length(x_BLD.shape[1], n, axis_name, "sequence_parallel_causal_conv")
+    seq, rep = P(None, axis_name), P()
+    fn = jax.shard_map(lambda x, w, b: causal_conv_shard(x, w, b, axis_name),
+                       in_specs=(seq, rep, rep), out_specs=seq, axis_names={axis_name},
+                       check_vma=False)
+    if bias_D is None:
+        bias_D = jnp.zeros(w_KD.shape[1:], x_BLD.dtype)
+    return fn(x_BLD, w_KD, bias_D)
+
+
+def causal_conv_shard_local(x_BLD, w_KD, bias_D=None):
+    """The same conv on one device (zero left context)."""
+    width, length = w_KD.shape[0], x_BLD.shape[1]
+    xp = jnp.pad(x_BLD, ((0, 0), (width - 1, 0), (0, 0)))
+    y = sum(xp[:, i:i + length] * w_KD[i] for i in range(width))
+    return y if bias_D is None else y + bias_D

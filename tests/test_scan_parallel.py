@@ -1,0 +1,61 @@
+"""Sequence-parallel selective scan and conv halo on 8 simulated CPU devices (issue 6)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT
+
+ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+RTOL = 1e-5
+# (data, fsdp, tensor, sequence): sequence 8, 4 and 2, with batch / channels sharded too.
+CASES = [dict(mesh=[1, 1, 1, 8], gate=True, init=True),
+         dict(mesh=[2, 1, 1, 4], gate=False, init=False),
+         dict(mesh=[1, 2, 2, 2], gate=True, init=True)]
+
+
+def worker(arg, timeout=900):
+    script = os.path.join(ROOT, "tests", "workers", "scan_parallel_cases.py")
+    proc = subprocess.run([sys.executable, script, arg], capture_output=True, text=True,
+                          env=dict(os.environ, **ENV), timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_sequence_parallel_scan_matches_one_device():
+    rows = worker(json.dumps({"cases": CASES}))
+    assert len(rows) == len(CASES)
+    for row in rows:
+        errors = {k: v for k, v in row.items() if k in ("y", "h", "conv") or k.startswith("d_")}
+        want = {"y", "h", "conv", "d_u", "d_delta", "d_A", "d_B", "d_C", "d_D", "d_delta_bias"}
+        want |= {"d_z"} if row["gate"] else set()
+        want |= {"d_initial_state"} if row["init"] else set()
+        assert set(errors) == want, row
+        assert max(errors.values()) <= RTOL, row
+
+
+def test_only_the_small_chunk_states_are_gathered():
+    report = worker("hlo")[0]
+    assert report["all_gather_shapes"], report
+    for shape in report["all_gather_shapes"]:
+        dims = [int(d) for d in shape[shape.index("[") + 1:-1].split(",")]
+        assert np.prod(dims) <= report["max_state_elems"], report
+
+
+def test_without_a_sequence_axis_it_is_the_plain_scan():
+    import jax.numpy as jnp
+
+    from jaxmix import ops
+    from jaxmix.parallel.scan_parallel import sequence_parallel_selective_scan
+    rng = np.random.default_rng(0)
+    b, length, d, n = 1, 16, 4, 2
+    u, delta = (jnp.asarray(rng.standard_normal((b, length, d)), jnp.float32) for _ in range(2))
+    bc = jnp.asarray(rng.standard_normal((b, length, n)), jnp.float32)
+    a = -jnp.ones((d, n))
+    y, h = sequence_parallel_selective_scan(u, delta, a, bc, bc, delta_softplus=True,
+                                            return_last_state=True)
+    y_ref, h_ref = ops.selective_scan(u, delta, a, bc, bc, delta_softplus=True,
+                                      return_last_state=True)
+    assert jnp.allclose(y, y_ref) and jnp.allclose(h, h_ref)
