@@ -212,3 +212,22 @@ def test_stdlib_corpus():
     assert len(c.train_u8) > 1_000_000 and len(c.val_files) >= 1
     batch = next(pipe.train_iter)
     assert batch.shape == (4, 33) and batch.dtype == np.int32
+
+
+def test_val_batches_span_the_whole_validation_split(tmp_path):
+    """Validation reads windows from all of the split, not only its first files."""
+    write_files(tmp_path / "corpus", 40, 4000)
+    config = make_config(f"text:{tmp_path / 'corpus'}/**/*.txt", eval_batches=2)
+    config.data.val_fraction = 0.3
+    pipe = data.build(config)
+    windows = {w.tobytes(): i for i, w in enumerate(np.asarray(pipe.val_windows_NW, np.int32))}
+    picked = [windows[row.tobytes()] for b in pipe.val_batches() for row in b]
+    n_val, n_pick = len(windows), len(picked)
+    assert n_val > 4 * n_pick
+    assert len(set(picked)) == n_pick
+    assert max(picked) >= n_val - 2 * (n_val // n_pick)  # reaches the end of the split
+
+
+def test_stdlib_skips_generated_sysconfigdata():
+    _, paths = corpus_lib.stdlib_files()
+    assert paths and not any(os.path.basename(p).startswith("_sysconfigdata") for p in paths)

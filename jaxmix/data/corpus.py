@@ -41,7 +41,9 @@ def stdlib_files():
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS)
-        paths.extend(os.path.join(dirpath, f) for f in filenames if f.endswith(".py"))
+        # _sysconfigdata*.py are generated build settings (compiler flags, paths), not code.
+        paths.extend(os.path.join(dirpath, f) for f in filenames
+                     if f.endswith(".py") and not f.startswith("_sysconfigdata"))
     return root, sorted(paths)
 
 

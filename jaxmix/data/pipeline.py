@@ -105,15 +105,18 @@ class Pipeline:
     def val_batches(self):
         """`eval_batches` int32 arrays [local_batch, seq_len+1], same every call.
 
-        Batch k holds validation windows (k*B + r) mod n_val for rows r of the
-        global batch, so few windows wrap around; rows are sharded by process.
+        The eval_batches * B windows are spread evenly over the whole validation
+        stream (not its first files), wrapping only when there are fewer windows than
+        that; row r of batch k takes window pick[k*B + r]; rows are sharded by process.
         """
         if self._val_cache is None:
             n_val = len(self.val_windows_NW)
+            n_pick = self.eval_batches * self.global_batch
+            pick = (np.arange(n_pick) * max(n_val // n_pick, 1)) % n_val
             rows_b = np.arange(self._row_start, self._row_stop)
             batches = []
             for k in range(self.eval_batches):
-                idx_b = (k * self.global_batch + rows_b) % n_val
+                idx_b = pick[k * self.global_batch + rows_b]
                 batch = self.val_windows_NW[idx_b].astype(np.int32)
                 batch.flags.writeable = False
                 batches.append(batch)
