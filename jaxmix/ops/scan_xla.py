@@ -1,8 +1,24 @@
-"""Chunked selective scan in plain XLA: memory O(B*D*N*L/T), never [B, L, D, N].
+"""Chunked selective scan in plain XLA with a hand-written backward (custom_vjp).
 
-The sequence is cut into chunks of T steps. A lax.scan walks the chunks carrying
-the [B, D, N] state; each chunk body is rematerialised (jax.checkpoint), so the
-backward pass keeps only the chunk-boundary states and recomputes the inside.
+Memory: the forward keeps only the [B, N, D] state at the start of every chunk of
+T steps; the backward walks the chunks in reverse, recomputes the T states of one
+chunk from its start state into a [B, T, N, D] buffer, then runs the reverse
+recurrence over the chunk
+    g_{t-1} = a_t g_t + C_{t-1} dy_{t-1}        (g_t = dLoss/dh_t)
+and takes every gradient from g_t and the recomputed h_t as it goes:
+    s_t = g_t a_t h_{t-1} = g_t (h_t - b_t),   dA = sum_bt delta s,
+    ddelta = sum_n A s + u sum_n g B,  du = delta sum_n g B,
+    dB = sum_d g delta u,  dC = sum_d h dy,  dh_0 = a_0 g_0.
+Nothing of size [B, L, D, N] is held, forward or backward; ragged L is padded with
+delta = 0 steps (a = 1, no input), which leave the state unchanged.
+
+Speed on CPU: every time step is a handful of fused, state-sized loops over
+[B, N, D] (channels minor: the sums over N are written as adds of slices so they
+fuse with their producers; the sums over D are batched matrix-vector products),
+and the state stays in cache. The decay exp(delta A) is the hot spot (evaluated
+three times per element: forward, recompute and reverse), so it is computed as
+2^x with a degree-5 polynomial (`_exp2`: exact at 0, relative error < 6e-7 for
+|delta A| < 10 and < 4e-6 down to 2^-126), about a third cheaper than XLA's exp.
 """
 import functools
 
@@ -11,38 +27,178 @@ import jax.numpy as jnp
 
 from jaxmix.ops.selective_scan import finish_output, prepare_delta
 
-CHUNK = 64
+f32 = jnp.float32
+LOG2E = 1.4426950408889634
+# 2^f on [0, 1]: degree 5, fitted to the relative error (max 1.9e-7 in fp32) with
+# p(0) = 1 and p(1) = 2 exactly, so delta = 0 (padding, or A = 0) keeps a = 1 and a
+# decay close to 1 carries no bias that would compound over long sequences.
+_EXP2_COEFFS = (1.0, 0.6931517124176025, 0.240159273147583, 0.05581867694854736,
+                0.008990994654595852, 0.001879318617284298)
+# A chunk's [B, T, N, D] buffers should stay cache resident; T is clipped to this range.
+CHUNK_BYTES = 1 << 20
+MIN_CHUNK, MAX_CHUNK = 4, 64
 
 
-def _chunk_body(A_DN, h_BDN, xs):
-    """Scans one chunk step by step. xs are time-major [T, B, ...] slices."""
-    delta_TBD, u_TBD, b_TBN, c_TBN = xs
+def chunk_size(bsz, d, n, length):
+    """Time steps per chunk: one fp32 [B, T, N, D] buffer fills CHUNK_BYTES."""
+    t = CHUNK_BYTES // max(1, 4 * bsz * d * n)
+    return int(max(1, min(length, max(MIN_CHUNK, min(MAX_CHUNK, t)))))
 
-    def step(h, x):
-        dl_BD, u_BD, b_BN, c_BN = x
-        h = jnp.exp(dl_BD[..., None] * A_DN) * h + (dl_BD * u_BD)[..., None] * b_BN[:, None, :]
-        return h, jnp.einsum("bdn,bn->bd", h, c_BN)
 
-    return jax.lax.scan(step, h_BDN, (delta_TBD, u_TBD, b_TBN, c_TBN))
+def _exp2(x):
+    """2^x in fp32 for x in [-126, 126]: 2^floor(x) from the exponent bits times a
+    polynomial for the fraction. Cheaper than XLA's general exp on CPU."""
+    x = jnp.clip(x, -126.0, 126.0)
+    k = jnp.floor(x)
+    f = x - k
+    p = _EXP2_COEFFS[-1]
+    for c in _EXP2_COEFFS[-2::-1]:
+        p = p * f + c
+    return p * jax.lax.bitcast_convert_type((k.astype(jnp.int32) + 127) << 23, f32)
+
+
+def _u32(i):
+    """Loop indices as uint32: never negative, so no index-wrapping op per step."""
+    return jnp.asarray(i).astype(jnp.uint32)
+
+
+def _at(x_BLF, t, axis=1):
+    """The time-t slice [B, F] of a [B, L, F] array (or of another axis)."""
+    return jax.lax.dynamic_index_in_dim(x_BLF, _u32(t), axis=axis, keepdims=False)
+
+
+def _put(buf_BLF, t, v_BF, axis=1):
+    return jax.lax.dynamic_update_index_in_dim(buf_BLF, v_BF, _u32(t), axis=axis)
+
+
+def _sum_n(n, term):
+    """sum over i < n of term(i), [B, D] terms built from slices of the state axis: the
+    slices come before the arithmetic, so XLA fuses the whole sum into one loop."""
+    return functools.reduce(lambda acc, i: acc + term(i), range(1, n), term(0))
+
+
+def _bdot(x_BND, w_BD):
+    """sum_d x[b, n, d] w[b, d] as a batched matrix-vector product: [B, N]."""
+    return jax.lax.dot_general(x_BND, w_BD, (((2,), (1,)), ((0,), (0,))))
+
+
+def _step(h_BND, A2_ND, dl_BD, u_BD, b_BN):
+    """h_t = exp(delta A) h_{t-1} + delta u B (A2 = A log2 e)."""
+    a_BND = _exp2(dl_BD[:, None, :] * A2_ND)
+    return a_BND * h_BND + (dl_BD * u_BD)[:, None, :] * b_BN[:, :, None]
+
+
+def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk):
+    """y [B, L, D] (without the D skip), h_L, and the states at every chunk start."""
+    nc = u_BLD.shape[1] // chunk
+
+    def step(t, carry):
+        h_BND, y_BLD = carry
+        h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t))
+        c_BN = _at(C_BLN, t)
+        y_BD = _sum_n(h_BND.shape[1], lambda i: h_BND[:, i] * c_BN[:, i, None])
+        return h_BND, _put(y_BLD, t, y_BD)
+
+    def chunk_body(c, carry):
+        h_BND, y_BLD, hs_CBND = carry
+        hs_CBND = _put(hs_CBND, c, h_BND, axis=0)
+        h_BND, y_BLD = jax.lax.fori_loop(c * chunk, (c + 1) * chunk, step, (h_BND, y_BLD))
+        return h_BND, y_BLD, hs_CBND
+
+    y0 = jnp.zeros(u_BLD.shape, f32)
+    hs0 = jnp.zeros((nc,) + h0_BND.shape, f32)
+    return jax.lax.fori_loop(0, nc, chunk_body, (h0_BND, y0, hs0))
+
+
+def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk):
+    """Gradients (du, ddelta, dA [N, D], dB, dC, dh0) by the reverse recurrence."""
+    bsz, length, d = u_BLD.shape
+    n = A2_ND.shape[0]
+    nc, T = hs_CBND.shape[0], chunk
+    A_ND = A2_ND / LOG2E
+
+    def chunk_body(j, carry):
+        g_BND, dA_BND, H, du_BLD, ddl_BLD, dB_BLN, dC_BLN = carry
+        t0 = (nc - 1 - j) * T
+        h0_BND = _at(hs_CBND, nc - 1 - j, axis=0)
+
+        def recompute(i, hc):
+            h_BND, H, dC_BLN = hc
+            t = t0 + i
+            h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t))
+            dC_BN = _bdot(h_BND, _at(dy_BLD, t))
+            return h_BND, _put(H, i, h_BND), _put(dC_BLN, t, dC_BN)
+
+        _, H, dC_BLN = jax.lax.fori_loop(0, T, recompute, (h0_BND, H, dC_BLN))
+
+        def reverse(k, rc):
+            g_BND, dA_BND, du_BLD, ddl_BLD, dB_BLN = rc      # g_BND = dLoss/dh_t
+            i = T - 1 - k
+            t = t0 + i
+            dl_BD, u_BD, b_BN = _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t)
+            dlu_BD = dl_BD * u_BD
+            h_BND = _at(H, i)
+            ah = lambda j: h_BND[:, j] - dlu_BD * b_BN[:, j, None]            # a_t h_{t-1}
+            ddl_BD = _sum_n(n, lambda j: g_BND[:, j] * (ah(j) * A_ND[j] + u_BD * b_BN[:, j, None]))
+            du_BD = _sum_n(n, lambda j: g_BND[:, j] * b_BN[:, j, None]) * dl_BD
+            s_BND = g_BND * (h_BND - dlu_BD[:, None, :] * b_BN[:, :, None])
+            # g_{t-1} = a_t g_t + C_{t-1} dy_{t-1}; at t = 0 only a_0 g_0 (= dLoss/dh_init).
+            prev = jnp.maximum(t, 1) - 1
+            cdy_BND = _at(C_BLN, prev)[:, :, None] * (_at(dy_BLD, prev)
+                                                      * (t > 0).astype(f32))[:, None, :]
+            return (_exp2(dl_BD[:, None, :] * A2_ND) * g_BND + cdy_BND,
+                    dA_BND + s_BND * dl_BD[:, None, :],
+                    _put(du_BLD, t, du_BD), _put(ddl_BLD, t, ddl_BD),
+                    _put(dB_BLN, t, _bdot(g_BND, dlu_BD)))
+
+        g_BND, dA_BND, du_BLD, ddl_BLD, dB_BLN = jax.lax.fori_loop(
+            0, T, reverse, (g_BND, dA_BND, du_BLD, ddl_BLD, dB_BLN))
+        return g_BND, dA_BND, H, du_BLD, ddl_BLD, dB_BLN, dC_BLN
+
+    zeros_BLD = jnp.zeros((bsz, length, d), f32)
+    zeros_BLN = jnp.zeros((bsz, length, n), f32)
+    g_BND = dh_BND + _at(C_BLN, length - 1)[:, :, None] * _at(dy_BLD, length - 1)[:, None, :]
+    carry = (g_BND, jnp.zeros_like(dh_BND), jnp.zeros((bsz, T, n, d), f32),
+             zeros_BLD, zeros_BLD, zeros_BLN, zeros_BLN)
+    g_BND, dA_BND, _, du, ddl, dB, dC = jax.lax.fori_loop(0, nc, chunk_body, carry)
+    return du, ddl, jnp.sum(dA_BND, axis=0), dB, dC, g_BND
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def scan_core(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk):
+    """(y [B, L, D] without the D skip, h_L [B, N, D]); fp32, L a multiple of chunk."""
+    h_BND, y_BLD, _ = _scan_forward(u_BLD, dl_BLD, A_ND * LOG2E, B_BLN, C_BLN, h0_BND, chunk)
+    return y_BLD, h_BND
+
+
+def _core_fwd(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk):
+    A2_ND = A_ND * LOG2E
+    h_BND, y_BLD, hs_CBND = _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk)
+    return (y_BLD, h_BND), (u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND)
+
+
+def _core_bwd(chunk, res, cts):
+    u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND = res
+    dy_BLD, dh_BND = cts
+    return _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk)
+
+
+scan_core.defvjp(_core_fwd, _core_bwd)
 
 
 def selective_scan_xla(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, initial_state=None,
-                       return_last_state=False, chunk=CHUNK):
+                       return_last_state=False, chunk=None):
     bsz, length, d = u.shape
     n = A.shape[-1]
-    delta_BLD = prepare_delta(delta, delta_bias, delta_softplus)
-    t = min(chunk, length)
-    pad = (-length) % t
-    # Padded steps have delta = 0: exp(0 * A) = 1 and no input, so h passes through.
-    padder = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0)))
-    nc = (length + pad) // t
-    to_chunks = lambda x: jnp.moveaxis(padder(x), 1, 0).reshape(nc, t, bsz, x.shape[-1])
-    xs = tuple(map(to_chunks, (delta_BLD, u, B, C)))
-    h0_BDN = (jnp.zeros((bsz, d, n), jnp.float32) if initial_state is None
-              else initial_state.astype(jnp.float32))
-    body = jax.checkpoint(functools.partial(_chunk_body, A.astype(jnp.float32)))
-    h_BDN, y_CTBD = jax.lax.scan(body, h0_BDN, xs)
-    y_BLD = jnp.moveaxis(y_CTBD.reshape(nc * t, bsz, d), 0, 1)[:, :length]
-    out = finish_output(y_BLD, u, D, z)
-    return (out, h_BDN) if return_last_state else out
+    dl_BLD = prepare_delta(delta, delta_bias, delta_softplus)
+    h0_BND = (jnp.zeros((bsz, n, d), f32) if initial_state is None
+              else jnp.swapaxes(initial_state.astype(f32), 1, 2))
+    chunk = int(chunk or chunk_size(bsz, d, n, length))
+    pad = (-length) % chunk
+    # Padded steps have delta = 0: a = 1 and no input, so the state passes through.
+    padder = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, pad), (0, 0)))
+    y_BLD, h_BND = scan_core(padder(u), padder(dl_BLD), A.astype(f32).T, padder(B),
+                             padder(C), h0_BND, chunk)
+    out = finish_output(y_BLD[:, :length], u, D, z)
+    return (out, jnp.swapaxes(h_BND, 1, 2)) if return_last_state else out

@@ -1,0 +1,286 @@
+"""Mamba LM train-step throughput and model-FLOP utilisation (issue 3, points 3 and 4).
+
+One run measures, on this machine and in this order:
+  1. the fp32 matmul rate (a square jnp.dot, best of several calls),
+  2. the jaxmix Mamba LM train step (models.build + optax adamw) with the chosen scan,
+  3. a straightforward Mamba of the same shapes and params whose scan is a lax.scan
+     over time with jax.checkpoint on every step (the baseline),
+and prints one JSON line per measurement plus a summary line with the MFU and the
+speed ratio. Model FLOPs per step = 6 * params * tokens + the scan's own work
+(SCAN_FLOPS_PER_ELEM per (b, t, d, n) element per layer, forward + backward).
+
+  .venv/bin/python benchmarks/bench_mamba_step.py                # point 3
+  .venv/bin/python benchmarks/bench_mamba_step.py --sweep        # point 4: L = 256..16384
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from configs.mamba_lm import get_config  # noqa: E402
+from jaxmix import models  # noqa: E402
+from jaxmix.mixers.mamba import causal_conv  # noqa: E402
+
+# Forward per (b, t, d, n): delta*A, exp, a*h, +b, (delta*u)*B, C*h, sum = 7 flops;
+# backward counted as twice the forward (the usual 1 + 2 convention of 6*N*T).
+SCAN_FLOPS_PER_ELEM = 3 * 7
+
+
+def emit(**row):
+    print(json.dumps(row), flush=True)
+
+
+def time_calls(fn, args, iters, warmup=2):
+    """Seconds per call for `iters` calls (after `warmup`), as a list."""
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+COMPILER_OPTIONS = None  # --wide_vectors: {"xla_cpu_prefer_vector_width": 512} for every jit
+
+
+def matmul_rate(n=1024, iters=20):
+    """fp32 FLOP/s of an n x n x n jnp.dot: the best of `iters` calls."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32)
+    b = jax.random.normal(kb, (n, n), jnp.float32)
+    f = jax.jit(jnp.dot, compiler_options=COMPILER_OPTIONS)
+    times = time_calls(f, (a, b), iters)
+    return 2 * n ** 3 / min(times), 2 * n ** 3 / statistics.median(times)
+
+
+def model_config(args):
+    cfg = get_config("default").model
+    cfg.update(d_model=args.d_model, n_layers=args.n_layers, vocab_size=args.vocab,
+               scan_impl=args.impl)
+    return cfg
+
+
+def lm_loss(logits_BLV, tokens_BL, vocab):
+    """Next-token cross-entropy; the last position (no target) has weight 0, so the
+    logits are never sliced (a slice of [B, L, V] is a full copy on CPU)."""
+    targets = jnp.roll(tokens_BL, -1, axis=1)
+    if logits_BLV.shape[-1] > vocab:  # padded vocabulary rows never win
+        logits_BLV = jnp.where(jnp.arange(logits_BLV.shape[-1]) < vocab, logits_BLV, -1e9)
+    logp = jax.nn.log_softmax(logits_BLV)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    weight = (jnp.arange(tokens_BL.shape[1]) < tokens_BL.shape[1] - 1).astype(nll.dtype)
+    return jnp.sum(nll * weight) / (weight.sum() * tokens_BL.shape[0])
+
+
+def make_step(loss_fn, tx):
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+
+
+# ---- the baseline: the same Mamba, scan = lax.scan over time, remat per step --------
+def naive_scan(u_BLI, delta_BLI, A_IN, B_BLN, C_BLN):
+    step_fn = jax.checkpoint(lambda h, x: _naive_step(A_IN, h, x))
+    h0 = jnp.zeros(u_BLI.shape[:1] + A_IN.shape, jnp.float32)
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u_BLI, delta_BLI, B_BLN, C_BLN))
+    _, y_LBI = jax.lax.scan(step_fn, h0, xs)
+    return jnp.moveaxis(y_LBI, 0, 1)
+
+
+def _naive_step(A_IN, h_BIN, x):
+    u, dl, b, c = x
+    h_BIN = jnp.exp(dl[..., None] * A_IN) * h_BIN + (dl * u)[..., None] * b[:, None, :]
+    return h_BIN, jnp.einsum("bin,bn->bi", h_BIN, c)
+
+
+def rms(x, w, eps=1e-5):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def naive_forward(params, tokens_BL, cfg):
+    p = params["params"]
+    emb = p["embed"]["embedding"]
+    x = emb[tokens_BL]
+    n, k = cfg.d_state, 4
+    for i in range(cfg.n_layers):
+        lp = p[f"layers_{i}"]
+        m = lp["mixer"]
+        h = rms(x, lp["norm"]["scale"])
+        xz = jnp.einsum("bld,dki->blki", h, m["in_proj"])
+        xi, z = xz[:, :, 0], xz[:, :, 1]
+        ctx = jnp.zeros((x.shape[0], k - 1, xi.shape[-1]), xi.dtype)
+        xi = jax.nn.silu(causal_conv(xi, m["conv_weight"], m["conv_bias"], ctx)[0])
+        dbl = xi @ m["x_proj"]["kernel"]
+        r = dbl.shape[-1] - 2 * n
+        dt, B, C = jnp.split(dbl, [r, r + n], axis=-1)
+        delta = jax.nn.softplus(dt @ m["dt_proj_kernel"] + m["dt_proj_bias"])
+        y = naive_scan(xi, delta, -jnp.exp(m["A_log"]), B, C)
+        y = (y + xi * m["D"]) * jax.nn.silu(z)
+        x = x + y @ m["out_proj"]
+    x = rms(x, p["norm_f"]["scale"])
+    return x @ emb.T
+
+
+def build(args):
+    cfg = model_config(args)
+    model = models.build(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len), 0, args.vocab)
+    params = nn.meta.unbox(model.init(jax.random.key(0), tokens[:, :8]))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    tx = optax.adamw(1e-3, weight_decay=0.1)
+    return cfg, model, tokens, params, n_params, tx
+
+
+class StepRunner:
+    """A compiled train step with its own params/optimizer state; `once()` times one step."""
+
+    def __init__(self, name, loss_fn, params, tx, tokens):
+        self.name, self.tokens = name, tokens
+        step = make_step(loss_fn, tx)
+        params = jax.tree.map(jnp.copy, params)
+        self.state = [params, tx.init(params)]
+        t0 = time.perf_counter()
+        self.compiled = step.lower(params, self.state[1], tokens).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.temp_bytes = self.compiled.memory_analysis().temp_size_in_bytes
+        self.times = []
+        for _ in range(2):  # warm-up
+            self.once(record=False)
+
+    def once(self, record=True):
+        t0 = time.perf_counter()
+        self.state[0], self.state[1], loss = self.compiled(self.state[0], self.state[1],
+                                                           self.tokens)
+        loss.block_until_ready()
+        if record:
+            self.times.append(time.perf_counter() - t0)
+
+    def row(self, flops):
+        sec = statistics.median(self.times)
+        return dict(bench=self.name, seconds_per_step=sec, min_seconds=min(self.times),
+                    tokens_per_sec=self.tokens.size / sec, model_gflop=flops / 1e9,
+                    achieved_gflops=flops / sec / 1e9, compile_s=self.compile_s,
+                    temp_bytes=self.temp_bytes, steps_timed=len(self.times))
+
+
+def run_step(name, loss_fn, params, tx, tokens, iters, flops):
+    runner = StepRunner(name, loss_fn, params, tx, tokens)
+    for _ in range(iters):
+        runner.once()
+    row = runner.row(flops)
+    emit(**row)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d_model", type=int, default=256)
+    ap.add_argument("--n_layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq_len", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--impl", default="xla")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no_baseline", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="point 4: time per token and memory for L = 256 .. 16384")
+    ap.add_argument("--sweep_batch", type=int, default=1)
+    ap.add_argument("--sweep_iters", type=int, default=3)
+    ap.add_argument("--wide_vectors", action="store_true",
+                    help="compile everything (matmul probe, model, baseline) with "
+                         "xla_cpu_prefer_vector_width=512 (AVX-512 loops)")
+    args = ap.parse_args()
+    global COMPILER_OPTIONS
+    if args.wide_vectors:
+        COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+    emit(bench="env", backend=jax.default_backend(), devices=jax.device_count(),
+         cpus=os.cpu_count(), jax=jax.__version__, argv=sys.argv[1:])
+    if args.sweep:
+        return sweep(args)
+
+    cfg, model, tokens, params, n_params, tx = build(args)
+    d_inner = cfg.expand * cfg.d_model
+    scan_elems = args.batch * args.seq_len * d_inner * cfg.d_state * cfg.n_layers
+    flops = 6 * n_params * tokens.size + SCAN_FLOPS_PER_ELEM * scan_elems
+    emit(bench="model", params=n_params, tokens_per_step=tokens.size,
+         flops_6nt=6 * n_params * tokens.size, flops_scan=SCAN_FLOPS_PER_ELEM * scan_elems)
+
+    def loss_fn(p, tok):
+        return lm_loss(model.apply(p, tok)[0], tok, args.vocab)
+
+    def naive_loss(p, tok):
+        return lm_loss(naive_forward(p, tok, cfg), tok, args.vocab)
+
+    runners = [StepRunner(f"jaxmix_{args.impl}", loss_fn, params, tx, tokens)]
+    if not args.no_baseline:
+        runners.append(StepRunner("naive_scan_remat", naive_loss, params, tx, tokens))
+    # Interleave the matmul probe and the steps so machine noise hits all of them alike.
+    best_rates, med_rates = [], []
+    for _ in range(args.iters):
+        best, med = matmul_rate(iters=5)
+        best_rates.append(best)
+        med_rates.append(med)
+        for r in runners:
+            r.once()
+    peak = max(best_rates)
+    emit(bench="matmul_fp32", n=1024, best_gflops=peak / 1e9,
+         median_of_medians_gflops=statistics.median(med_rates) / 1e9)
+    rows = [r.row(flops) for r in runners]
+    for row in rows:
+        emit(**row)
+    ours = rows[0]
+    summary = dict(bench="summary", mfu=ours["achieved_gflops"] * 1e9 / peak,
+                   mfu_best_step=flops / ours["min_seconds"] / peak,
+                   mfu_6nt_only=6 * n_params * tokens.size / ours["seconds_per_step"] / peak,
+                   matmul_gflops=peak / 1e9)
+    if len(rows) > 1:
+        summary["baseline_mfu"] = rows[1]["achieved_gflops"] * 1e9 / peak
+        summary["speedup_vs_naive"] = ours["tokens_per_sec"] / rows[1]["tokens_per_sec"]
+        summary["speedup_vs_naive_best_steps"] = rows[1]["min_seconds"] / ours["min_seconds"]
+    emit(**summary)
+
+
+def sweep(args):
+    """Point 4: the same model and batch, L from 256 to 16384; time per token (median
+    and best step) and compiled temp memory per token (flat = linear memory)."""
+    rows = []
+    for length in (256, 1024, 4096, 16384):
+        args.seq_len, args.batch = length, args.sweep_batch
+        cfg, model, tokens, params, n_params, tx = build(args)
+
+        def loss_fn(p, tok):
+            return lm_loss(model.apply(p, tok)[0], tok, args.vocab)
+
+        row = run_step(f"sweep_L{length}", loss_fn, params, tx, tokens, args.sweep_iters,
+                       6 * n_params * tokens.size)
+        row.update(L=length, us_per_token=1e6 * row["seconds_per_step"] / tokens.size,
+                   us_per_token_best=1e6 * row["min_seconds"] / tokens.size,
+                   temp_bytes_per_token=row["temp_bytes"] / tokens.size)
+        rows.append(row)
+    ratio = lambda key: max(r[key] for r in rows) / min(r[key] for r in rows)
+    emit(bench="sweep_summary", batch=args.sweep_batch,
+         us_per_token={r["L"]: round(r["us_per_token"], 1) for r in rows},
+         us_per_token_best={r["L"]: round(r["us_per_token_best"], 1) for r in rows},
+         temp_bytes_per_token={r["L"]: round(r["temp_bytes_per_token"]) for r in rows},
+         max_over_min_time_per_token=ratio("us_per_token"),
+         max_over_min_best_time_per_token=ratio("us_per_token_best"),
+         max_over_min_temp_bytes_per_token=ratio("temp_bytes_per_token"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""selective_scan(impl="pallas"): the Pallas kernels of kernels_pallas.selective_scan
+wrapped with a custom_vjp (gradients for u, delta, A, B, C, D, z, delta_bias and the
+initial state).
+
+This layer pads and lays out the arrays for the kernels: L up to a multiple of the
+time tile (masked inside the kernel), D up to a multiple of the 128-lane channel
+tile (cut off afterwards), B and C transposed to [B, N, L] and A to [N, D] so the
+state is [N, D] with channels on lanes. Off TPU the kernels run in TPU interpret
+mode (`pltpu.InterpretParams()`), which is slow and meant for tests.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas import selective_scan as kernel
+
+LANES = 128
+# The backward keeps block_l recomputed [N, block_d] fp32 states in VMEM.
+VMEM_STATE_BYTES = 2 << 20
+
+
+def default_interpret():
+    """False on TPU (compile with Mosaic); TPU interpret mode elsewhere."""
+    return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+
+
+def tiles(length, d, n=16, block_l=None, block_d=None):
+    """(block_l, Lp, block_d, Dp): the time tile is 128 steps (or all of a short
+    sequence, rounded up to 16 sublanes, bf16's tile); the channel tile is 512, 256 or
+    128 lanes, the widest that divides the padded D and keeps the backward's
+    [block_l, N, block_d] fp32 state buffer within VMEM_STATE_BYTES."""
+    if block_l is None:
+        block_l = 128 if length > 128 else -(-length // 16) * 16
+    lp = -(-length // block_l) * block_l
+    dp = -(-d // LANES) * LANES
+    if block_d is None:
+        fits = [bd for bd in (512, 256, 128)
+                if dp % bd == 0 and block_l * n * bd * 4 <= VMEM_STATE_BYTES]
+        block_d = fits[0] if fits else LANES
+    dp = -(-dp // block_d) * block_d
+    return block_l, lp, block_d, dp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _core(u, delta, z, bT, cT, aT, dskip, bias, h0, static):
+    y, h_last, _ = kernel.scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, **dict(static))
+    return y, h_last
+
+
+def _core_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, static):
+    y, h_last, hs = kernel.scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, **dict(static))
+    return (y, h_last), (u, delta, z, bT, cT, aT, dskip, bias, hs, h0)
+
+
+def _core_bwd(static, res, cts):
+    u, delta, z, bT, cT, aT, dskip, bias, hs, h0 = res
+    dy, dh_last = cts
+    du, ddl, dz, dbT, dcT, daT, dD, dbias, dh0 = kernel.scan_bwd(
+        u, delta, z, bT, cT, aT, dskip, bias, hs, dy.astype(u.dtype), dh_last, **dict(static))
+    cast = lambda g, like: None if like is None else g.astype(like.dtype)
+    return (cast(du, u), cast(ddl, delta), cast(dz, z), cast(jnp.sum(dbT, 1), bT),
+            cast(jnp.sum(dcT, 1), cT), cast(jnp.sum(daT, 0), aT),
+            cast(jnp.sum(dD, 0), dskip), cast(jnp.sum(dbias, 0), bias), cast(dh0, h0))
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, initial_state=None, return_last_state=False,
+                          interpret=None, block_l=None, block_d=None):
+    bsz, length, d = u.shape
+    n = A.shape[-1]
+    block_l, lp, block_d, dp = tiles(length, d, n, block_l, block_d)
+    interpret = default_interpret() if interpret is None else interpret
+    pad_ld = lambda x: jnp.pad(x, ((0, 0), (0, lp - length), (0, dp - d)))
+    pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dp - d)])
+    transpose_bl = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, lp - length)))
+    f32 = jnp.float32
+    dskip = pad_d((jnp.zeros((d,), f32) if D is None else D.astype(f32))[None])
+    bias = pad_d((jnp.zeros((d,), f32) if delta_bias is None else delta_bias.astype(f32))[None])
+    h0 = (jnp.zeros((bsz, n, dp), f32) if initial_state is None
+          else pad_d(jnp.swapaxes(initial_state.astype(f32), 1, 2)))
+    static = (("length", length), ("softplus", bool(delta_softplus)), ("block_l", block_l),
+              ("block_d", block_d), ("interpret", interpret))
+    y, h_last = _core(pad_ld(u), pad_ld(delta), None if z is None else pad_ld(z),
+                      transpose_bl(B), transpose_bl(C), pad_d(A.astype(f32).T), dskip, bias,
+                      h0, static)
+    y = y[:, :length, :d]
+    if return_last_state:
+        return y, jnp.swapaxes(h_last[:, :, :d], 1, 2)
+    return y
