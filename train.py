@@ -77,14 +77,10 @@ def main(argv):
 
 def _unknown_override(argv):
     """The first `--config.a.b=v` whose field path does not exist, as an error line."""
-    import importlib.util
+    from jaxmix import config_files
     spec_arg = next(a.split("=", 1)[1] if "=" in a else argv[i + 1]
                     for i, a in enumerate(argv) if a.split("=", 1)[0] == "--config")
-    path, _, preset = spec_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("_jaxmix_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset) if preset else module.get_config()
+    config = config_files.load_config(spec_arg)
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue

@@ -11,7 +11,6 @@ cost relative to the same family and batch at the shortest prompt (the baseline 
 this run). Mamba's recurrent state makes it ~1.0; attention's KV cache makes it grow.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -24,16 +23,13 @@ import jax.numpy as jnp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from jaxmix import config_files  # noqa: E402
 from jaxmix import generate as gen  # noqa: E402
 from jaxmix import models  # noqa: E402
 
 
 def load_config(name, preset):
-    spec = importlib.util.spec_from_file_location(
-        f"bench_{name}", os.path.join(ROOT, "configs", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return config_files.load_config(f"configs/{name}.py:{preset}", root=ROOT)
 
 
 def best_time(fn, repeats):

@@ -7,7 +7,6 @@ then times `--steps` steps on real batches. Prints one JSON line per measurement
 baseline in the same run is the reference scan implementation at the same shapes.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -18,15 +17,12 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from jaxmix import config_files  # noqa: E402
 from jaxmix.train.loop import Run  # noqa: E402
 
 
 def load_config(spec):
-    path, _, preset = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(preset or "default")
+    return config_files.load_config(spec, root=ROOT)
 
 
 def tokens_per_sec(config, steps, warmup, workdir):

@@ -13,17 +13,12 @@ sequence per step, small widths. Presets:
       .venv/bin/python benchmarks/bench_ring.py step --config configs/long_context.py:mamba-1m
 On a pod, raise d_model / n_layers and set mesh.data / fsdp / tensor for the rest.
 """
-import importlib.util
-import os
+from jaxmix import config_files
 
 
 def _mamba_lm():
     """configs/mamba_lm.py, loaded by path (works whatever sys.path holds)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mamba_lm.py")
-    spec = importlib.util.spec_from_file_location("_jaxmix_configs_mamba_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_files.sibling(__file__, "mamba_lm.py")
 
 
 PRESETS = ("attention-128k", "hybrid-128k", "mamba-1m", "smoke")

@@ -23,9 +23,9 @@ def base_config():
         rope_theta=10000.0, sliding_window=0, remat=False, proj_bias=False,
         mlp_bias=False))
     c.train = ml_collections.ConfigDict(dict(
-        steps=600, decay_steps=600, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
+        steps=400, decay_steps=400, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
-        log_every=10, eval_every=200, eval_batches=8, checkpoint_every=100,
+        log_every=10, eval_every=100, eval_batches=8, checkpoint_every=100,
         keep_checkpoints=3, seed=0))
     c.data = ml_collections.ConfigDict(dict(source="stdlib", val_fraction=0.02, shuffle=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))

@@ -9,17 +9,12 @@ layers per attention layer, CPU-sized) and pod-scale Llama shapes with a byte
 vocabulary: `llama-160m`, `llama-410m`, `llama-1b`, `llama-7b`, `llama-8b`.
   python train.py --config configs/transformer_lm.py[:PRESET] [--config.a.b=value ...]
 """
-import importlib.util
-import os
+from jaxmix import config_files
 
 
 def _mamba_lm():
     """configs/mamba_lm.py, loaded by path (works whatever sys.path holds)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mamba_lm.py")
-    spec = importlib.util.spec_from_file_location("_jaxmix_configs_mamba_lm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return config_files.sibling(__file__, "mamba_lm.py")
 
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, rope_theta)

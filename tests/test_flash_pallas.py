@@ -11,6 +11,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxmix import ops
 from jaxmix.ops.attention import attention_reference
 from jaxmix.ops.attention_pallas import attention_pallas
+from test_attention import run  # (out, lse, grads) under jit, shared with the xla tests
 
 TPU_INTERPRET = pltpu.InterpretParams()
 
@@ -20,28 +21,6 @@ def make_qkv(seed, b, l, s, hq, hkv, d, dtype=jnp.float32):
     return (jax.random.normal(kq, (b, l, hq, d), dtype),
             jax.random.normal(kk, (b, s, hkv, d), dtype),
             jax.random.normal(kv, (b, s, hkv, d), dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def _run_jit(fn, static):
-    def go(q, k, v, arrays):
-        w = jax.random.normal(jax.random.PRNGKey(7), q.shape, jnp.float32)
-
-        def loss(q, k, v):
-            out, lse = fn(q, k, v, **dict(static), **arrays)
-            lse_term = jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.5)
-            return jnp.sum(out.astype(jnp.float32) * w) + lse_term, (out, lse)
-
-        (_, (out, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
-        return out, lse, grads
-
-    return jax.jit(go)
-
-
-def run(fn, q, k, v, kw):
-    static = {n: a for n, a in kw.items() if not isinstance(a, jax.Array)}
-    arrays = {n: a for n, a in kw.items() if isinstance(a, jax.Array)}
-    return _run_jit(fn, tuple(sorted(static.items())))(q, k, v, arrays)
 
 
 def check(q, k, v, kw, interpret=TPU_INTERPRET, tol=(1e-5, 1e-4)):

@@ -8,11 +8,11 @@ the model section replaced) and an orbax TrainState checkpoint at step 0 (fresh
 optimizer state), so `python -m jaxmix.generate --workdir WORKDIR` samples from it and
 `train.py --config.init_from=WORKDIR` (or the HF directory itself) fine-tunes it.
 """
-import importlib.util
 import os
 import shutil
 
 from jaxmix.convert import hf
+from jaxmix import config_files
 from jaxmix.errors import ConfigError
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -29,10 +29,7 @@ def preset_config(model_config, configs_dir=CONFIGS_DIR):
     path = os.path.join(configs_dir, name + ".py")
     if not os.path.exists(path):
         raise ConfigError(f"convert: {path} not found; run from a jaxmix checkout")
-    spec = importlib.util.spec_from_file_location(f"_jaxmix_convert_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("default")
+    config = config_files.load_config(path + ":default")
     config.model.update(model_config.to_dict())
     config.model.mixer_pattern = tuple(model_config.mixer_pattern)
     return config
