@@ -114,7 +114,7 @@ def test_pallas_memory_never_holds_BLDN():
     assert temp < bsz * length * d * n * 4, temp
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("bsz, length, d, n", GRID)
 def test_pallas_full_grid(bsz, length, d, n):
     check((bsz, length, d, n), ALL)
