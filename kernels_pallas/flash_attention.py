@@ -66,6 +66,19 @@ def _kv_range(spec, i, nk):
     return lo, hi
 
 
+def _q_major_maps(spec, nk):
+    """Index maps of a (batch, q head, q block i, kv block j) grid: q blocks, and kv
+    blocks clamped to the live range of q block i (GQA: kv head = q head // groups)."""
+    def q_map(b_, h, i, j):
+        return b_, h, i, 0
+
+    def kv_map(b_, h, i, j):
+        lo, hi = _kv_range(spec, i, nk)
+        return b_, h // spec.groups, _clamp(j, lo, hi), 0
+
+    return q_map, kv_map
+
+
 def _q_range(spec, j, nq):
     """First and last live query block of key block j (for index-map clamping)."""
     k_first = j * spec.block_k
@@ -163,14 +176,7 @@ def flash_fwd(q, k, v, q_seg, kv_seg, spec, *, interpret=False):
     """Returns (o [B, Hq, Lp, Dp] in q.dtype, lse [B, Hq, Lp, 128] fp32)."""
     b, hq, lp, dp = q.shape
     nq, nk = lp // spec.block_q, k.shape[2] // spec.block_k
-    g = spec.groups
-
-    def q_map(b_, h, i, j):
-        return b_, h, i, 0
-
-    def kv_map(b_, h, i, j):
-        lo, hi = _kv_range(spec, i, nk)
-        return b_, h // g, _clamp(j, lo, hi), 0
+    q_map, kv_map = _q_major_maps(spec, nk)
 
     in_specs = [pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, dp), q_map),
                 pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_k, dp), kv_map),
@@ -235,14 +241,7 @@ def flash_bwd_dq(q, k, v, do, lse, delta, q_seg, kv_seg, spec, *, interpret=Fals
     """dq [B, Hq, Lp, Dp]. lse must have -inf replaced (e.g. by 0) for empty rows."""
     b, hq, lp, dp = q.shape
     nq, nk = lp // spec.block_q, k.shape[2] // spec.block_k
-    g = spec.groups
-
-    def q_map(b_, h, i, j):
-        return b_, h, i, 0
-
-    def kv_map(b_, h, i, j):
-        lo, hi = _kv_range(spec, i, nk)
-        return b_, h // g, _clamp(j, lo, hi), 0
+    q_map, kv_map = _q_major_maps(spec, nk)
 
     qo = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, dp), q_map)
     kv = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_k, dp), kv_map)
