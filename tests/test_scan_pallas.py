@@ -15,7 +15,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxmix import ops
 from jaxmix.ops.scan_pallas import selective_scan_pallas, tiles
 from jaxmix.ops.selective_scan import selective_scan_reference
-from test_selective_scan import ALL, BARE, assert_close, make_inputs, outputs_and_grads, rel_err
+from test_selective_scan import (ALL, BARE, assert_close, fwd_bwd_temp_vs_BLDN, make_inputs,
+                                 outputs_and_grads, rel_err)
 
 FAST = [((2, 37, 16, 4), ALL), ((1, 1, 130, 16), ALL), ((1, 300, 256, 4), BARE | {"z"}),
         ((2, 150, 16, 16), BARE | {"initial_state", "delta_bias"})]
@@ -100,18 +101,8 @@ def test_pallas_lowers_for_tpu(dtype):
 def test_pallas_memory_never_holds_BLDN():
     """B=1, L=8192, D=512, N=16 (interpret mode, compiled, not run): forward+backward
     temp memory stays under one fp32 [B, L, D, N] array."""
-    bsz, length, d, n = 1, 8192, 512, 16
-    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-    args = dict(u=spec(bsz, length, d), delta=spec(bsz, length, d), A=spec(d, n),
-                B=spec(bsz, length, n), C=spec(bsz, length, n), D=spec(d),
-                z=spec(bsz, length, d), delta_bias=spec(d))
-
-    def loss(a):
-        y, h = selective_scan_pallas(**a, delta_softplus=True, return_last_state=True)
-        return jnp.sum(y) + jnp.sum(h)
-
-    temp = jax.jit(jax.grad(loss)).lower(args).compile().memory_analysis().temp_size_in_bytes
-    assert temp < bsz * length * d * n * 4, temp
+    temp, one_bldn = fwd_bwd_temp_vs_BLDN(selective_scan_pallas)
+    assert temp < one_bldn, (temp, one_bldn)
 
 
 @pytest.mark.exhaustive

@@ -134,20 +134,23 @@ def test_xla_bf16_error_within_twice_reference():
         assert rel_err(g_x[k], g_t[k]) <= 2 * rel_err(g_r[k], g_t[k]) + 1e-6, k
 
 
-def test_xla_memory_never_holds_BLDN():
-    """B=1, L=8192, D=512, N=16: compiled forward+backward temp memory stays under
-    one fp32 [B, L, D, N] array (268 MB)."""
-    bsz, length, d, n = 1, 8192, 512, 16
+def fwd_bwd_temp_vs_BLDN(scan_fn, bsz=1, length=8192, d=512, n=16):
+    """(compiled forward+backward temp bytes of `scan_fn`, bytes of one fp32 [B, L, D, N])."""
     spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     args = dict(u=spec(bsz, length, d), delta=spec(bsz, length, d), A=spec(d, n),
                 B=spec(bsz, length, n), C=spec(bsz, length, n), D=spec(d),
                 z=spec(bsz, length, d), delta_bias=spec(d))
 
     def loss(a):
-        y, h = selective_scan_xla(**a, delta_softplus=True, return_last_state=True)
+        y, h = scan_fn(**a, delta_softplus=True, return_last_state=True)
         return jnp.sum(y) + jnp.sum(h)
 
     compiled = jax.jit(jax.grad(loss)).lower(args).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    one_bldn = bsz * length * d * n * 4
+    return compiled.memory_analysis().temp_size_in_bytes, bsz * length * d * n * 4
+
+
+def test_xla_memory_never_holds_BLDN():
+    """B=1, L=8192, D=512, N=16: compiled forward+backward temp memory stays under
+    one fp32 [B, L, D, N] array (268 MB)."""
+    temp, one_bldn = fwd_bwd_temp_vs_BLDN(selective_scan_xla)
     assert temp < one_bldn, (temp, one_bldn)
