@@ -63,10 +63,6 @@ def rules_of(config):
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in (rules or DEFAULT_RULES))
 
 
-def replicated(mesh):
-    return NamedSharding(mesh, P())
-
-
 def batch_sharding(mesh, rules, ndim=2):
     """Sharding of a token batch [batch, length + 1, ...]: split over the batch axes only.
 

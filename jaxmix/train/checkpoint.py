@@ -56,9 +56,6 @@ class Checkpointer:
                         str(e).splitlines()[0])
             return state, False
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()

@@ -24,6 +24,18 @@ def total_loss(model, params, tokens_BL1):
     return ce + extra, (ce, aux)
 
 
+def _replicated(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _in_context(mesh, rules, fn):
+    """`fn` traced and run under the mesh and the logical-axis rules (for constraints)."""
+    def run(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+    return run
+
+
 def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_sharding):
     def step_fn(state: TrainState, tokens):
         grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens), has_aux=True)
@@ -35,19 +47,10 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
         metrics.update({k: jnp.mean(v) for k, v in aux.items()})
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, replicated), donate_argnums=0)
-
-    def run(state, tokens):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(state, tokens)
-
-    def compile_(state, tokens):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted.lower(state, tokens).compile()
-
-    run.compile = compile_
+                     out_shardings=(state_shardings, _replicated(mesh)), donate_argnums=0)
+    run = _in_context(mesh, rules, jitted)
+    run.compile = _in_context(mesh, rules, lambda *args: jitted.lower(*args).compile())
     return run
 
 
@@ -57,14 +60,9 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding):
         ce, _ = loss_terms(model, params, tokens)
         return ce * (tokens.shape[0] * (tokens.shape[1] - 1))
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
-                     out_shardings=replicated)
-
-    def run(params, tokens):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(params, tokens)
-    return run
+                     out_shardings=_replicated(mesh))
+    return _in_context(mesh, rules, jitted)
 
 
 def bits_per_byte(nats_per_token, bytes_per_token=1.0):
