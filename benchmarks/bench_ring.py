@@ -9,9 +9,8 @@
   .venv/bin/python benchmarks/bench_ring.py step --config configs/long_context.py:PRESET
           [--set mesh.sequence=1 train.seq_len=16384 ...] [--compile-only]
       one training step of a preset (compile + run): seconds, compiled per-device
-      memory and the process's peak RSS (all 8 simulated devices together). Mixers
-      that do not yet call the sequence-parallel wrappers are routed to them in this
-      process (`wire_mixers`), and the token batch is fed unsplit along the length.
+      memory and the process's peak RSS (all 8 simulated devices together), through
+      the trainer's own Run (the mixers go sequence-parallel when mesh.sequence > 1).
 Prints one JSON line per measurement.
 """
 import argparse
@@ -136,69 +135,11 @@ def _load_config(spec):
     return load_config(spec)
 
 
-def wire_mixers(layout):
-    """Routes the mixers to the sequence-parallel wrappers, for mixers not yet wired.
-
-    Stand-in for the mixer wiring of issue 6 (the mixers calling
-    `parallel.sequence_parallel_attention` / `sequence_parallel_selective_scan`
-    themselves): replaces the `ops` the two mixer modules see in this process only.
-    Returns the names of the modules it patched.
-    """
-    import inspect
-    import types
-    from jaxmix.mixers import attention as attn_mod
-    from jaxmix.mixers import mamba as mamba_mod
-    from jaxmix.parallel.ring_attention import sequence_parallel_attention
-    from jaxmix.parallel.scan_parallel import sequence_parallel_selective_scan
-    patched = []
-    if "sequence_parallel" not in inspect.getsource(mamba_mod):
-        mamba_mod.ops = types.SimpleNamespace(selective_scan=sequence_parallel_selective_scan,
-                                              attention=ops.attention)
-        patched.append("mamba")
-    if "sequence_parallel" not in inspect.getsource(attn_mod):
-        def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None,
-                      scale=None, impl="auto", return_lse=False, q_positions=None,
-                      kv_positions=None):
-            if return_lse or q_positions is not None or kv_positions is not None:  # decoding
-                return ops.attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                                     sliding_window=sliding_window, scale=scale, impl=impl,
-                                     return_lse=return_lse, q_positions=q_positions,
-                                     kv_positions=kv_positions)
-            return sequence_parallel_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                                               sliding_window=sliding_window, scale=scale,
-                                               impl=impl, layout=layout)
-        attn_mod.ops = types.SimpleNamespace(attention=attention)
-        patched.append("attention")
-    return patched
-
-
-def unshard_batch_length():
-    """The trainer shards the [B, L+1] token batch over `sequence` too, which L+1 does not
-    divide: feed it sharded over the batch only (the model's constraints split L)."""
-    import flax.linen as nn
-    from jax.sharding import NamedSharding
-    from jaxmix.parallel import mesh as mesh_mod
-
-    if getattr(parallel.batch_sharding, "_bench_ring", False):
-        return
-
-    def batch_sharding(mesh, rules, ndim=2):
-        spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
-        return NamedSharding(mesh, spec)
-
-    batch_sharding._bench_ring = True
-    parallel.batch_sharding = mesh_mod.batch_sharding = batch_sharding
-
-
 def bench_step(spec, overrides, compile_only=False):
     """One train step of a preset on 8 simulated devices, via the trainer's Run."""
     import tempfile
     from jaxmix.train.loop import Run
     config = _load_config(spec)
-    patched = wire_mixers(config.model.get("ring_layout", "zigzag"))
-    if config.mesh.get("sequence", 1) > 1:
-        unshard_batch_length()
-        patched.append("batch_sharding")
     for item in overrides:
         key, _, value = item.partition("=")
         node = config
@@ -229,7 +170,7 @@ def bench_step(spec, overrides, compile_only=False):
         r.ckpt.close()
     gib = 1 << 30
     emit(bench="long_context_step", config=spec, seq_len=config.train.seq_len,
-         grad_norm=grad_norm, wiring_stand_in=patched,
+         grad_norm=grad_norm,
          n_params=int(sum(x.size for x in jax.tree.leaves(state.params))),
          batch_size=config.train.batch_size, mesh=dict(r.mesh.shape), loss=loss,
          step_s=round(t_step, 2), compile_s=round(t_compile, 2), init_s=round(t_init, 2),
