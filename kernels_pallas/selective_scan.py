@@ -56,6 +56,22 @@ U, DL, Z, Y = 0, 1, 2, 3                  # forward rows: u, delta, z | y
 DY, DU, DDL, DZ = 3, 4, 5, 6              # backward rows: u, delta, z, dy | du, ddelta, dz
 
 
+def _stage_tile(io, rows, aT_ref, dskip_ref, bias_ref, bT_ref, cT_ref, block_l):
+    """Copies this tile's [L, D] rows into the fp32 `io` scratch; returns the fp32
+    per-tile operands (A^T, D skip, delta bias, B^T, C^T) and a lane iota."""
+    for k, ref in rows:
+        if ref is not None:
+            io[k] = ref[0].astype(f32)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, block_l), 1)
+    return (aT_ref[...].astype(f32), dskip_ref[...].astype(f32), bias_ref[...].astype(f32),
+            bT_ref[0].astype(f32), cT_ref[0].astype(f32), lane)
+
+
+def _advance(h_ND, dl, u, a_ND, bT, lane, t):
+    """One step of the recurrence: h = exp(delta * A) * h + delta * u * B_t."""
+    return jnp.exp(dl * a_ND) * h_ND + (dl * u) * _column(bT, lane, t)
+
+
 def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
     if has_z:
         (u_ref, dl_ref, z_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, h0_ref,
@@ -71,19 +87,15 @@ def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
         h_scr[...] = h0_ref[0].astype(f32)
 
     hs_ref[0, 0] = h_scr[...]
-    for k, ref in ((U, u_ref), (DL, dl_ref), (Z, z_ref)):
-        if ref is not None:
-            io[k] = ref[0].astype(f32)
-    a_ND = aT_ref[...].astype(f32)
-    dskip, bias = dskip_ref[...].astype(f32), bias_ref[...].astype(f32)
-    bT, cT = bT_ref[0].astype(f32), cT_ref[0].astype(f32)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (1, block_l), 1)
+    a_ND, dskip, bias, bT, cT, lane = _stage_tile(
+        io, ((U, u_ref), (DL, dl_ref), (Z, z_ref)), aT_ref, dskip_ref, bias_ref, bT_ref,
+        cT_ref, block_l)
 
     def step(t, h_ND):
         valid = l * block_l + t < length
         u = io[U, pl.ds(t, 1), :]
         _, dl = _delta(io, bias, t, valid, softplus)
-        h_ND = jnp.exp(dl * a_ND) * h_ND + (dl * u) * _column(bT, lane, t)
+        h_ND = _advance(h_ND, dl, u, a_ND, bT, lane, t)
         y = jnp.sum(_column(cT, lane, t) * h_ND, axis=0, keepdims=True) + dskip * u
         if has_z:
             z = io[Z, pl.ds(t, 1), :]
@@ -120,18 +132,14 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
         dD_ref[...] = jnp.zeros_like(dD_ref)
         dbias_ref[...] = jnp.zeros_like(dbias_ref)
 
-    for k, ref in ((U, u_ref), (DL, dl_ref), (Z, z_ref), (DY, dy_ref)):
-        if ref is not None:
-            io[k] = ref[0].astype(f32)
-    a_ND = aT_ref[...].astype(f32)
-    dskip, bias = dskip_ref[...].astype(f32), bias_ref[...].astype(f32)
-    bT, cT = bT_ref[0].astype(f32), cT_ref[0].astype(f32)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (1, block_l), 1)
+    a_ND, dskip, bias, bT, cT, lane = _stage_tile(
+        io, ((U, u_ref), (DL, dl_ref), (Z, z_ref), (DY, dy_ref)), aT_ref, dskip_ref,
+        bias_ref, bT_ref, cT_ref, block_l)
 
     def recompute(t, h_ND):
         valid = l * block_l + t < length
         _, dl = _delta(io, bias, t, valid, softplus)
-        h_ND = jnp.exp(dl * a_ND) * h_ND + (dl * io[U, pl.ds(t, 1), :]) * _column(bT, lane, t)
+        h_ND = _advance(h_ND, dl, io[U, pl.ds(t, 1), :], a_ND, bT, lane, t)
         hbuf_scr[t] = h_ND
         return h_ND
 
