@@ -237,16 +237,22 @@ def _dq_kernel(spec, nk, *refs):
         dq_ref[...] = acc_sc[...].astype(dq_ref.dtype)
 
 
+def _bwd_specs(spec, dp, q_map, kv_map):
+    """(q-block spec, kv-block spec, in_specs for q, k, v, do, lse, delta) of a backward
+    kernel, given its grid's index maps."""
+    qo = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, dp), q_map)
+    kv = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_k, dp), kv_map)
+    row = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, LANES), q_map)
+    return qo, kv, [qo, kv, kv, qo, row, row]
+
+
 def flash_bwd_dq(q, k, v, do, lse, delta, q_seg, kv_seg, spec, *, interpret=False):
     """dq [B, Hq, Lp, Dp]. lse must have -inf replaced (e.g. by 0) for empty rows."""
     b, hq, lp, dp = q.shape
     nq, nk = lp // spec.block_q, k.shape[2] // spec.block_k
     q_map, kv_map = _q_major_maps(spec, nk)
 
-    qo = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, dp), q_map)
-    kv = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_k, dp), kv_map)
-    row = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, LANES), q_map)
-    in_specs = [qo, kv, kv, qo, row, row]
+    qo, kv, in_specs = _bwd_specs(spec, dp, q_map, kv_map)
     args = [q, k, v, do, lse, delta]
     if spec.segments:
         def kvs_map(b_, h, i, j):
@@ -309,10 +315,7 @@ def flash_bwd_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, spec, *, interpret=Fal
     def kv_map(b_, h, j, gi, i):
         return b_, h, j, 0
 
-    qo = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, dp), q_map)
-    kv = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_k, dp), kv_map)
-    row = pl.BlockSpec((pl.squeezed, pl.squeezed, spec.block_q, LANES), q_map)
-    in_specs = [qo, kv, kv, qo, row, row]
+    qo, kv, in_specs = _bwd_specs(spec, dp, q_map, kv_map)
     args = [q, k, v, do, lse, delta]
     if spec.segments:
         in_specs += _seg_specs(spec, lambda b_, h, j, gi, i: (b_, q_map(b_, h, j, gi, i)[2], 0),
