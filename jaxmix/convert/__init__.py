@@ -38,14 +38,11 @@ def preset_config(model_config, configs_dir=CONFIGS_DIR):
 def write_workdir(out, config, params, step=0):
     """A train.py-compatible workdir: config.json + TrainState(step, params, fresh
     opt_state) saved by orbax under out/checkpoints/<step>/state."""
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
     from jaxmix import models, parallel
     from jaxmix.generate import check_params
     from jaxmix.train import optimizer, validate
     from jaxmix.train import state as state_lib
+    from jaxmix.train.checkpoint import Checkpointer
 
     model = models.build(config.model)
     check_params(model, params, f"--out {out}")
@@ -53,20 +50,14 @@ def write_workdir(out, config, params, step=0):
     tx, _ = optimizer.make(config.train)
     _, shardings, _ = state_lib.create(model, tx, mesh, parallel.rules_of(config),
                                        config.train.seq_len, config.train.seed)
-    params = jax.device_put(params, shardings.params)
-    state = state_lib.TrainState(
-        step=jax.device_put(jnp.asarray(step, jnp.int32), shardings.step), params=params,
-        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+    state = state_lib.from_params(params, tx, shardings, step)
     os.makedirs(out, exist_ok=True)
     ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ConfigError(f"--out {out} already holds checkpoints; use a new directory")
-    manager = ocp.CheckpointManager(
-        ckpt_dir, options=ocp.CheckpointManagerOptions(create=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler()})
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    manager.wait_until_finished()
-    manager.close()
+    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    ckpt.save(step, state)  # no data item: the trainer positions the data by step
+    ckpt.close()
     validate.write_config(config, out)
     return out
 

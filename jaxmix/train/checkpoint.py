@@ -37,11 +37,12 @@ class Checkpointer:
     def latest_step(self):
         return self.manager.latest_step()
 
-    def save(self, step, state, data_iter, force=False):
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(
-                                      _Snapshot(data_iter.get_state())))
-        return self.manager.save(step, args=args, force=force)
+    def save(self, step, state, data_iter=None, force=False):
+        """Saves the state and, when given, the data iterator's position."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_Snapshot(data_iter.get_state()))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step, abstract_state, data_iter):
         """(state, data_restored: bool). The state lands in abstract_state's shardings."""

@@ -72,10 +72,10 @@ class Run:
     def state_from(self, path):
         """A fresh train state whose params come from an HF directory or a jaxmix workdir."""
         from jaxmix.convert import hf
-        params = jax.device_put(hf.load_params(path, self.config.model), self.shardings.params)
-        opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+        state = state_lib.from_params(hf.load_params(path, self.config.model), self.tx,
+                                      self.shardings)
         log.info("initialised params from %s", path)
-        return self.init_fn().replace(params=params, opt_state=opt_state)
+        return state
 
     def print_sample(self, params, prompt="def ", n_tokens=120):
         """A short sample at the end of a run (byte-level models, process 0)."""

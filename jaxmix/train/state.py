@@ -62,5 +62,14 @@ def create(model, tx, mesh, rules, seq_len, seed):
     return init_fn, shardings, abstract
 
 
+def from_params(params, tx, shardings, step=0):
+    """A train state holding `params` (placed in their shardings) and a fresh optimizer
+    state, e.g. for weights imported from elsewhere."""
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.asarray(step, jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
 def param_count(abstract):
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract.params)))
