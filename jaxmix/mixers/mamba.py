@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmix import ops, parallel
-from jaxmix.models.layers import (DenseGeneral, compute_dtype, constrain, param_with_axes,
+from jaxmix.models.layers import (DenseGeneral, linear, compute_dtype, constrain, param_with_axes,
                                   scaled_init, torch_linear_init)
 
 
@@ -70,13 +70,16 @@ class Mamba(nn.Module):
 
         w_in = param_with_axes(self, "in_proj", torch_linear_init, (d_model, 2, d_inner),
                                ("embed", None, "mlp"))
-        xz = jnp.einsum("bld,dki->blki", x_BLD.astype(dtype), w_in.astype(dtype))
+        # Two [d_model, d_inner] products: each half of the weight keeps its "mlp" sharding.
+        h_BLD, w_in = x_BLD.astype(dtype), w_in.astype(dtype)
+        x_BLI, z_BLI = linear(h_BLD, w_in[:, 0]), linear(h_BLD, w_in[:, 1])
         use_bias = cfg.get("proj_bias", False)  # HF MambaConfig.use_bias (mamba_ssm: False)
         if use_bias:
-            xz = xz + param_with_axes(self, "in_proj_bias", nn.initializers.zeros,
-                                      (2, d_inner), (None, "mlp")).astype(dtype)
-        x_BLI = constrain(xz[:, :, 0], ("batch", "length", "mlp"))
-        z_BLI = constrain(xz[:, :, 1], ("batch", "length", "mlp"))
+            b_in = param_with_axes(self, "in_proj_bias", nn.initializers.zeros, (2, d_inner),
+                                   (None, "mlp")).astype(dtype)
+            x_BLI, z_BLI = x_BLI + b_in[0], z_BLI + b_in[1]
+        x_BLI = constrain(x_BLI, ("batch", "length", "mlp"))
+        z_BLI = constrain(z_BLI, ("batch", "length", "mlp"))
 
         conv_bound = 1.0 / math.sqrt(k)  # torch Conv1d default, fan_in = k (depthwise)
         w_conv = param_with_axes(self, "conv_weight", uniform_init(conv_bound), (k, d_inner),
@@ -94,7 +97,7 @@ class Mamba(nn.Module):
         dt_w = param_with_axes(self, "dt_proj_kernel", uniform_init(r ** -0.5), (r, d_inner),
                                (None, "mlp"))
         dt_b = param_with_axes(self, "dt_proj_bias", dt_bias_init(), (d_inner,), ("mlp",))
-        dt_BLI = jnp.dot(dt_BLR, dt_w.astype(dtype))
+        dt_BLI = linear(dt_BLR, dt_w.astype(dtype))
 
         A_log = param_with_axes(self, "A_log", a_log_init, (d_inner, n), ("mlp", "state"))
         D = param_with_axes(self, "D", nn.initializers.ones, (d_inner,), ("mlp",))
@@ -109,7 +112,7 @@ class Mamba(nn.Module):
 
         w_out = param_with_axes(self, "out_proj", scaled_init(torch_linear_init, cfg.n_layers),
                                 (d_inner, d_model), ("mlp", "embed"))
-        y_BLD = jnp.dot(y_BLI.astype(dtype), w_out.astype(dtype))
+        y_BLD = linear(y_BLI.astype(dtype), w_out.astype(dtype))
         if use_bias:
             y_BLD = y_BLD + param_with_axes(self, "out_proj_bias", nn.initializers.zeros,
                                             (d_model,), ("embed",)).astype(dtype)

@@ -47,7 +47,7 @@ class DenseGeneral(nn.Module):
     @nn.compact
     def __call__(self, x):
         w = param_with_axes(self, "kernel", self.init, (x.shape[-1], self.features), self.axes)
-        y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+        y = linear(x.astype(self.dtype), w.astype(self.dtype))
         if self.use_bias:
             y = y + param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
                                     self.axes[-1:]).astype(self.dtype)
@@ -77,3 +77,26 @@ def scaled_init(init, n_layers):
     def f(key, shape, dtype=jnp.float32):
         return init(key, shape, dtype) / jnp.sqrt(jnp.asarray(n_layers, dtype))
     return f
+
+
+@jax.custom_vjp
+def linear(x, w_KN):
+    """x [..., K] @ w [K, N], with a hand-written backward: the weight gradient is one
+    dot_general contracting every leading axis of x and dy straight into [K, N]. Autodiff's
+    version contracts into [N, K] and transposes, and XLA:CPU then transposes whole
+    activations around it (about 7% of the Mamba LM train step on CPU)."""
+    return jnp.dot(x, w_KN)
+
+
+def _linear_fwd(x, w_KN):
+    return jnp.dot(x, w_KN), (x, w_KN)
+
+
+def _linear_bwd(res, dy):
+    x, w_KN = res
+    lead = tuple(range(x.ndim - 1))
+    dw_KN = jax.lax.dot_general(x, dy, ((lead, lead), ((), ())))
+    return jnp.dot(dy, w_KN.T).astype(x.dtype), dw_KN.astype(w_KN.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
