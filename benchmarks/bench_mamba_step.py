@@ -6,7 +6,10 @@ One run measures, on this machine and in this order:
   3. a straightforward Mamba of the same shapes and params whose scan is a lax.scan
      over time with jax.checkpoint on every step (the baseline),
 and prints one JSON line per measurement plus a summary line with the MFU and the
-speed ratio. Model FLOPs per step = 6 * params * tokens + the scan's own work
+speed ratio. Both steps run as train.py runs them on a CPU host (jaxmix/cpu.py): freed
+memory kept mapped, one CPU device per core with the batch split over them (data
+parallel, gradients all-reduced), and 512-bit loops on AVX-512 hosts. `--devices 1`
+runs both on a single device instead. Model FLOPs per step = 6 * params * tokens + the scan's own work
 (SCAN_FLOPS_PER_ELEM per (b, t, d, n) element per layer, forward + backward).
 
   .venv/bin/python benchmarks/bench_mamba_step.py                # point 3
@@ -20,6 +23,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxmix import cpu  # noqa: E402
+
+cpu.keep_freed_memory()  # before JAX starts its threads
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -53,7 +60,8 @@ def time_calls(fn, args, iters, warmup=2):
     return times
 
 
-COMPILER_OPTIONS = None  # --wide_vectors: {"xla_cpu_prefer_vector_width": 512} for every jit
+COMPILER_OPTIONS = None  # cpu.compiler_options(devices), for every jit
+MESH = None  # the data-parallel mesh both steps run on
 
 
 def matmul_rate(n=1024, iters=20):
@@ -91,6 +99,14 @@ def make_step(loss_fn, tx):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
+
+
+def on_mesh(tokens, params):
+    """Tokens split over the mesh's data axis, params replicated on it."""
+    sharding = lambda spec: jax.sharding.NamedSharding(MESH, spec)
+    P = jax.sharding.PartitionSpec
+    return (jax.device_put(tokens, sharding(P("data"))),
+            jax.device_put(params, sharding(P())))
 
 
 # ---- the baseline: the same Mamba, scan = lax.scan over time, remat per step --------
@@ -142,6 +158,7 @@ def build(args):
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len), 0, args.vocab)
     params = nn.meta.unbox(model.init(jax.random.key(0), tokens[:, :8]))
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    tokens, params = on_mesh(tokens, params)
     tx = optax.adamw(1e-3, weight_decay=0.1)
     return cfg, model, tokens, params, n_params, tx
 
@@ -201,15 +218,18 @@ def main():
                     help="point 4: time per token and memory for L = 256 .. 16384")
     ap.add_argument("--sweep_batch", type=int, default=1)
     ap.add_argument("--sweep_iters", type=int, default=3)
-    ap.add_argument("--wide_vectors", action="store_true",
-                    help="compile everything (matmul probe, model, baseline) with "
-                         "xla_cpu_prefer_vector_width=512 (AVX-512 loops)")
+    ap.add_argument("--devices", type=int, default=0,
+                    help="CPU devices to split the batch over (0: one per core, as train.py)")
     args = ap.parse_args()
-    global COMPILER_OPTIONS
-    if args.wide_vectors:
-        COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
-    emit(bench="env", backend=jax.default_backend(), devices=jax.device_count(),
-         cpus=os.cpu_count(), jax=jax.__version__, argv=sys.argv[1:])
+    global COMPILER_OPTIONS, MESH
+    batch = args.sweep_batch if args.sweep else args.batch
+    cpu.use_cores_as_devices(cpu.devices_for_batch(batch, args.devices))
+    devices = jax.devices()[:cpu.devices_for_batch(batch, args.devices)]
+    MESH = jax.sharding.Mesh(devices, ("data",))
+    COMPILER_OPTIONS = cpu.compiler_options(devices)
+    emit(bench="env", backend=jax.default_backend(), devices=len(devices),
+         cpus=cpu.cores(), compiler_options=COMPILER_OPTIONS, jax=jax.__version__,
+         argv=sys.argv[1:])
     if args.sweep:
         return sweep(args)
 

@@ -26,7 +26,8 @@ def base_config():
         steps=400, decay_steps=400, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
         log_every=10, eval_every=100, eval_batches=8, checkpoint_every=100,
-        keep_checkpoints=3, seed=0))
+        keep_checkpoints=3, seed=0,
+        cpu_devices=0))  # CPU hosts: data-parallel over up to this many cores (0 = all, 1 = off)
     c.data = ml_collections.ConfigDict(dict(source="stdlib", val_fraction=0.02, shuffle=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))

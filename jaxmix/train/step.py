@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxmix import cpu
 from jaxmix.train.state import TrainState
 
 
@@ -48,7 +49,8 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                     out_shardings=(state_shardings, _replicated(mesh)), donate_argnums=0)
+                     out_shardings=(state_shardings, _replicated(mesh)), donate_argnums=0,
+                     compiler_options=cpu.compiler_options(mesh.devices.flat))
     run = _in_context(mesh, rules, jitted)
     run.compile = _in_context(mesh, rules, lambda *args: jitted.lower(*args).compile())
     return run
@@ -61,7 +63,8 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding):
         return ce * (tokens.shape[0] * (tokens.shape[1] - 1))
 
     jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
-                     out_shardings=_replicated(mesh))
+                     out_shardings=_replicated(mesh),
+                     compiler_options=cpu.compiler_options(mesh.devices.flat))
     return _in_context(mesh, rules, jitted)
 
 

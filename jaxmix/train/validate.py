@@ -13,6 +13,8 @@ def check_config(config):
     for field in POSITIVE:
         if int(t[field]) <= 0:
             raise ConfigError(f"train.{field}={t[field]} must be a positive integer")
+    if int(t.get("cpu_devices", 0)) < 0:
+        raise ConfigError(f"train.cpu_devices={t.cpu_devices} must be >= 0 (0 = every core)")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate={t.learning_rate} must be positive")
     for field in ("d_model", "n_layers", "vocab_size"):
