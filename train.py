@@ -46,24 +46,6 @@ def single_process():
             and not _cluster_detected())
 
 
-def use_host_cores(config):
-    """On a CPU host: keep freed memory mapped and run data-parallel over the cores (one
-    CPU device per core; train.cpu_devices caps it, 1 turns it off). See jaxmix/cpu.py.
-    Skipped when the config's mesh could not use that many devices."""
-    from jaxmix import cpu
-    from jaxmix.errors import ConfigError
-    from jaxmix.parallel.mesh import mesh_shape
-    cpu.keep_freed_memory()
-    n = cpu.devices_for_batch(config.train.batch_size, int(config.train.get("cpu_devices", 0)))
-    if n == 1:
-        return
-    try:
-        mesh_shape(config.mesh, n)
-    except ConfigError:
-        return
-    cpu.use_cores_as_devices(n)
-
-
 def setup_logging():
     """jaxmix's own progress lines on stderr; library chatter (orbax, absl) only if it warns."""
     from absl import logging as absl_logging
@@ -88,7 +70,8 @@ def main(argv):
     workdir = FLAGS.workdir or os.path.join("runs", stem)
     try:
         if single_process():
-            use_host_cores(FLAGS.config)
+            from jaxmix import cpu
+            cpu.prepare_training_host(FLAGS.config)
         init_distributed()
         import jax
         if jax.process_index() != 0:  # process 0 speaks for the run

@@ -2,7 +2,8 @@
 
   python benchmarks/bench_train.py [--config configs/mamba_lm.py:default] [--steps 10]
 
-Builds the same jit'd step as train.py (mesh, shardings, donation), runs warm-up steps,
+Builds the same jit'd step as train.py (CPU host set-up, mesh, shardings, donation),
+runs warm-up steps,
 then times `--steps` steps on real batches. Prints one JSON line per measurement; the
 baseline in the same run is the reference scan implementation at the same shapes.
 """
@@ -17,7 +18,7 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxmix import config_files  # noqa: E402
+from jaxmix import config_files, cpu  # noqa: E402
 from jaxmix.train.loop import Run  # noqa: E402
 
 
@@ -51,6 +52,7 @@ def main():
     ap.add_argument("--baseline", default="reference", help="scan_impl of the baseline run")
     args = ap.parse_args()
     import tempfile
+    cpu.prepare_training_host(load_config(args.config))  # as train.py does
     results = {}
     for impl in (args.baseline, "auto"):
         config = load_config(args.config)

@@ -2,11 +2,12 @@
 compiler options for the host's vector width. All three matter only on the CPU backend
 and are no-ops elsewhere; train.py and the benchmarks apply them before JAX starts.
 
-Freed memory. XLA:CPU allocates a step's temp buffer (hundreds of MB for a small LM) with malloc on
-one of its runtime threads and frees it at the end. glibc serves such a request from a
-per-thread arena by mmap and returns it with munmap, so the next step touches fresh pages:
-on this project's 2-core CPU machine the Mamba LM step spent about a third of its CPU
-time in minor page faults (365 MB re-faulted per step, `getrusage().ru_minflt`).
+Freed memory. XLA:CPU allocates a step's temp buffer (hundreds of MB for a small LM)
+with malloc on one of its runtime threads and frees it at the end. glibc serves such a
+request from a per-thread arena by mmap and returns it with munmap, so the next step
+touches fresh pages: on this project's 2-core CPU machine the Mamba LM step spent about
+a third of its CPU time in minor page faults (365 MB re-faulted per step,
+`getrusage().ru_minflt`).
 
 `keep_freed_memory()` sets glibc's malloc to one arena, no mmap for large blocks and no
 trimming, so freed buffers are reused as they are. The process then keeps its peak heap
@@ -29,6 +30,7 @@ make the step about 5% faster (`compiler_options`).
 """
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 
@@ -80,18 +82,37 @@ def use_cores_as_devices(n):
     return True
 
 
+def prepare_training_host(config):
+    """train.py's set-up of a single-process run, before JAX starts: freed memory kept
+    mapped, and one CPU device per core (capped by train.cpu_devices; 1 turns it off)
+    when the batch and the config's mesh can use them."""
+    from jaxmix.errors import ConfigError
+    from jaxmix.parallel.mesh import mesh_shape
+    keep_freed_memory()
+    n = devices_for_batch(config.train.batch_size, int(config.train.get("cpu_devices", 0)))
+    if n == 1:
+        return
+    try:
+        mesh_shape(config.mesh, n)
+    except ConfigError:  # a mesh fixed to other sizes: leave the devices as they are
+        return
+    use_cores_as_devices(n)
+
+
 def _backend_started():
     from jax._src import xla_bridge
     return xla_bridge.backends_are_initialized()
 
 
 def compiler_options(devices):
-    """XLA compiler options for a jit over `devices`: 512-bit loops on AVX-512 CPUs."""
-    if not devices or devices[0].platform != "cpu" or not _has_avx512():
+    """XLA compiler options for a jit over `devices` (a sequence): 512-bit loops on
+    AVX-512 CPUs, None elsewhere."""
+    if len(devices) == 0 or devices[0].platform != "cpu" or not _has_avx512():
         return None
     return {"xla_cpu_prefer_vector_width": 512}
 
 
+@functools.lru_cache(maxsize=None)
 def _has_avx512():
     try:
         with open("/proc/cpuinfo") as f:

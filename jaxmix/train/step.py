@@ -50,7 +50,7 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
 
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                      out_shardings=(state_shardings, _replicated(mesh)), donate_argnums=0,
-                     compiler_options=cpu.compiler_options(mesh.devices.flat))
+                     compiler_options=cpu.compiler_options(list(mesh.devices.flat)))
     run = _in_context(mesh, rules, jitted)
     run.compile = _in_context(mesh, rules, lambda *args: jitted.lower(*args).compile())
     return run
@@ -64,7 +64,7 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding):
 
     jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
                      out_shardings=_replicated(mesh),
-                     compiler_options=cpu.compiler_options(mesh.devices.flat))
+                     compiler_options=cpu.compiler_options(list(mesh.devices.flat)))
     return _in_context(mesh, rules, jitted)
 
 
