@@ -13,12 +13,16 @@ import os
 import sys
 import time
 
-import jax
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxmix import config_files, cpu  # noqa: E402
+from jaxmix import cpu  # noqa: E402
+
+cpu.keep_freed_memory()  # before any library starts threads
+
+import jax  # noqa: E402
+
+from jaxmix import config_files  # noqa: E402
 from jaxmix.train.loop import Run  # noqa: E402
 
 

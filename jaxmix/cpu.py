@@ -50,8 +50,8 @@ def keep_freed_memory():
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_ARENA_MAX, 1) and mallopt(M_MMAP_MAX, 0)
-    # The largest int: freed memory at the top of the heap is never given back.
-    ok = ok and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    # glibc reads the threshold as a size_t, so -1 is SIZE_MAX: never trim the heap.
+    ok = ok and mallopt(M_TRIM_THRESHOLD, -1)
     return bool(ok)
 
 
