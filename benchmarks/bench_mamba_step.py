@@ -9,8 +9,9 @@ and prints one JSON line per measurement plus a summary line with the MFU and th
 speed ratio. Both steps run as train.py runs them on a CPU host (jaxmix/cpu.py): freed
 memory kept mapped, one CPU device per core with the batch split over them (data
 parallel, gradients all-reduced), and 512-bit loops on AVX-512 hosts. `--devices 1`
-runs both on a single device instead. Model FLOPs per step = 6 * params * tokens + the scan's own work
-(SCAN_FLOPS_PER_ELEM per (b, t, d, n) element per layer, forward + backward).
+runs both on a single device instead. Model FLOPs per step = 6 * params * tokens + the
+scan's own work (SCAN_FLOPS_PER_ELEM per (b, t, d, n) element per layer, forward +
+backward).
 
   .venv/bin/python benchmarks/bench_mamba_step.py                # point 3
   .venv/bin/python benchmarks/bench_mamba_step.py --sweep        # point 4: L = 256..16384
@@ -223,8 +224,9 @@ def main():
     args = ap.parse_args()
     global COMPILER_OPTIONS, MESH
     batch = args.sweep_batch if args.sweep else args.batch
-    cpu.use_cores_as_devices(cpu.devices_for_batch(batch, args.devices))
-    devices = jax.devices()[:cpu.devices_for_batch(batch, args.devices)]
+    n_devices = cpu.devices_for_batch(batch, args.devices)
+    cpu.use_cores_as_devices(n_devices)
+    devices = jax.devices()[:n_devices]
     MESH = jax.sharding.Mesh(devices, ("data",))
     COMPILER_OPTIONS = cpu.compiler_options(devices)
     emit(bench="env", backend=jax.default_backend(), devices=len(devices),

@@ -3,9 +3,9 @@
   python benchmarks/bench_train.py [--config configs/mamba_lm.py:default] [--steps 10]
 
 Builds the same jit'd step as train.py (CPU host set-up, mesh, shardings, donation),
-runs warm-up steps,
-then times `--steps` steps on real batches. Prints one JSON line per measurement; the
-baseline in the same run is the reference scan implementation at the same shapes.
+runs warm-up steps, then times `--steps` steps on real batches. Prints one JSON line
+per measurement; the baseline in the same run is the reference scan implementation at
+the same shapes.
 """
 import argparse
 import json

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmix import ops, parallel
-from jaxmix.models.layers import (DenseGeneral, linear, compute_dtype, constrain, param_with_axes,
-                                  scaled_init, torch_linear_init)
+from jaxmix.models.layers import (DenseGeneral, compute_dtype, constrain, linear,
+                                  param_with_axes, scaled_init, torch_linear_init)
 
 
 def dt_rank_of(cfg):
