@@ -6,24 +6,39 @@ One run measures, on this machine and in this order:
   3. a straightforward Mamba of the same shapes and params whose scan is a lax.scan
      over time with jax.checkpoint on every step (the baseline),
 and prints one JSON line per measurement plus a summary line with the MFU and the
-speed ratio. Both steps run as train.py runs them on a CPU host (jaxmix/cpu.py): freed
-memory kept mapped, one CPU device per core with the batch split over them (data
-parallel, gradients all-reduced), and 512-bit loops on AVX-512 hosts. `--devices 1`
-runs both on a single device instead. Model FLOPs per step = 6 * params * tokens + the
-scan's own work (SCAN_FLOPS_PER_ELEM per (b, t, d, n) element per layer, forward +
-backward).
+speed ratio. Model FLOPs per step = 6 * params * tokens + the scan's own work
+(SCAN_FLOPS_PER_ELEM per (b, t, d, n) element per layer, forward + backward).
+
+How the step uses the cores (the same for both steps):
+  --processes 1 (default): this process only, with --devices CPU devices (0: one per
+      core, as train.py runs on a CPU host, jaxmix/cpu.py) and the batch split over them.
+  --processes 0: one worker process per core, each pinned to its core with its share of
+      the batch; the gradients are averaged by one all-reduce of a flat vector over gloo
+      (jax.distributed), then every worker applies the same adamw update. The matmul
+      rate used for the MFU is then the larger of a probe over all cores in the
+      launching process before the workers start, and the sum of the per-core rates the
+      workers measure side by side between steps.
+Freed memory is kept mapped and AVX-512 hosts get 512-bit loops in both modes.
 
   .venv/bin/python benchmarks/bench_mamba_step.py                # point 3
+  .venv/bin/python benchmarks/bench_mamba_step.py --processes 0  # point 3, a worker per core
   .venv/bin/python benchmarks/bench_mamba_step.py --sweep        # point 4: L = 256..16384
 """
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A worker of the multi-process mode: "rank,processes,core,port,peak_flops", set by launch().
+WORKER = os.environ.get("JAXMIX_BENCH_WORKER")
+if WORKER:  # pinned before JAX starts, so its thread pool and cost model see one core
+    os.sched_setaffinity(0, {int(WORKER.split(",")[2])})
 
 from jaxmix import cpu  # noqa: E402
 
@@ -32,7 +47,10 @@ cpu.keep_freed_memory()  # before JAX starts its threads
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs.mamba_lm import get_config  # noqa: E402
 from jaxmix import models  # noqa: E402
@@ -43,8 +61,13 @@ from jaxmix.mixers.mamba import causal_conv  # noqa: E402
 SCAN_FLOPS_PER_ELEM = 3 * 7
 
 
+QUIET = False  # workers other than 0 print nothing
+OUT = sys.stdout  # JSON lines only: a worker sends the libraries' stdout chatter to stderr
+
+
 def emit(**row):
-    print(json.dumps(row), flush=True)
+    if not QUIET:
+        print(json.dumps(row), file=OUT, flush=True)
 
 
 def time_calls(fn, args, iters, warmup=2):
@@ -95,8 +118,26 @@ def lm_loss(logits_BLV, tokens_BL, vocab):
 
 
 def make_step(loss_fn, tx):
-    def step(params, opt_state, tokens):
+    """A jit'd adamw step. On a mesh of several devices it is data parallel: each device
+    takes the gradient of its share of the batch, and the gradients are averaged by one
+    all-reduce of a single flat vector (over gloo between processes, one collective per
+    step instead of one per parameter)."""
+    n = MESH.size
+
+    def local_grads(params, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        if n > 1:
+            flat, unravel = ravel_pytree(grads)
+            grads = unravel(jax.lax.psum(flat, "data") / n)
+            loss = jax.lax.pmean(loss, "data")
+        return loss, grads
+
+    if n > 1:
+        local_grads = jax.shard_map(local_grads, mesh=MESH, in_specs=(P(), P("data")),
+                                    out_specs=(P(), P()), check_vma=False)
+
+    def step(params, opt_state, tokens):
+        loss, grads = local_grads(params, tokens)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=COMPILER_OPTIONS)
@@ -105,7 +146,6 @@ def make_step(loss_fn, tx):
 def on_mesh(tokens, params):
     """Tokens split over the mesh's data axis, params replicated on it."""
     sharding = lambda spec: jax.sharding.NamedSharding(MESH, spec)
-    P = jax.sharding.PartitionSpec
     return (jax.device_put(tokens, sharding(P("data"))),
             jax.device_put(params, sharding(P())))
 
@@ -219,22 +259,88 @@ def main():
                     help="point 4: time per token and memory for L = 256 .. 16384")
     ap.add_argument("--sweep_batch", type=int, default=1)
     ap.add_argument("--sweep_iters", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=1,
+                    help="1: this process only; otherwise worker processes, one pinned per "
+                         "core (0: one per core that the batch divides over). Not with --sweep")
     ap.add_argument("--devices", type=int, default=0,
-                    help="CPU devices to split the batch over (0: one per core, as train.py)")
+                    help="with --processes 1: CPU devices to split the batch over "
+                         "(0: one per core, as train.py)")
     args = ap.parse_args()
-    global COMPILER_OPTIONS, MESH
+    global COMPILER_OPTIONS, MESH, QUIET
     batch = args.sweep_batch if args.sweep else args.batch
-    n_devices = cpu.devices_for_batch(batch, args.devices)
-    cpu.use_cores_as_devices(n_devices)
-    devices = jax.devices()[:n_devices]
-    MESH = jax.sharding.Mesh(devices, ("data",))
+    if args.processes < 0 or args.devices < 0:
+        ap.error("--processes and --devices must be >= 0")
+    if WORKER:
+        global OUT
+        OUT = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)  # gloo prints its connection lines on stdout
+        rank, n_proc, _, port, _ = WORKER.split(",")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{port}", int(n_proc), int(rank))
+        QUIET = jax.process_index() != 0  # process 0 speaks for the run
+        devices = jax.devices()
+    else:
+        n_proc = 1 if args.sweep else cpu.devices_for_batch(batch, args.processes)
+        if n_proc > 1:
+            return launch(n_proc)
+        n_devices = cpu.devices_for_batch(batch, args.devices)
+        cpu.use_cores_as_devices(n_devices)
+        devices = jax.devices()[:n_devices]
+    MESH = jax.sharding.Mesh(np.array(devices), ("data",))
     COMPILER_OPTIONS = cpu.compiler_options(devices)
-    emit(bench="env", backend=jax.default_backend(), devices=len(devices),
-         cpus=cpu.cores(), compiler_options=COMPILER_OPTIONS, jax=jax.__version__,
-         argv=sys.argv[1:])
-    if args.sweep:
-        return sweep(args)
+    emit(bench="env", backend=jax.default_backend(), processes=jax.process_count(),
+         devices=len(devices), cpus=cpu.cores() * jax.process_count(),
+         compiler_options=COMPILER_OPTIONS, jax=jax.__version__, argv=sys.argv[1:])
+    return sweep(args) if args.sweep else measure(args)
 
+
+def launch(n_proc):
+    """The multi-process mode's parent: probes the matmul rate on all cores, then runs
+    this script as `n_proc` workers (one pinned per core, gloo between them) and waits;
+    worker 0 prints the results. A worker that fails stops the others."""
+    global COMPILER_OPTIONS
+    COMPILER_OPTIONS = cpu.compiler_options(jax.devices()[:1])
+    all_cores_flops, _ = matmul_rate(iters=20)
+    emit(bench="launch", processes=n_proc, matmul_all_cores_gflops=all_cores_flops / 1e9)
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    core_ids = sorted(os.sched_getaffinity(0))
+    workers = [subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__)] + sys.argv[1:],
+        env=dict(os.environ, JAXMIX_BENCH_WORKER=f"{rank},{n_proc},{core_ids[rank]},{port},"
+                                                 f"{all_cores_flops}"))
+        for rank in range(n_proc)]
+    while any(w.poll() is None for w in workers):
+        failed = [w.returncode for w in workers if w.returncode not in (None, 0)]
+        if failed:
+            for w in workers:
+                w.kill()
+            sys.exit(f"error: a benchmark worker exited with status {failed[0]}")
+        time.sleep(0.2)
+    rc = max(w.returncode for w in workers)
+    if rc:
+        sys.exit(f"error: a benchmark worker exited with status {rc}")
+
+
+def machine_matmul_rate(best_rates):
+    """FLOP/s the MFU is measured against. One process: its best probe. Workers: the
+    larger of the parent's all-core probe and the sum of the workers' per-core bests."""
+    local = max(best_rates)
+    if not WORKER:
+        return local, dict(best_gflops=local / 1e9)
+    from jax.experimental import multihost_utils
+    per_core = np.asarray(multihost_utils.process_allgather(np.float32(local)), np.float64)
+    all_cores = float(WORKER.split(",")[4])
+    return max(all_cores, per_core.sum()), dict(
+        best_gflops=max(all_cores, per_core.sum()) / 1e9,
+        all_cores_probe_gflops=all_cores / 1e9,
+        per_core_gflops=[round(x / 1e9, 1) for x in per_core],
+        per_core_sum_gflops=per_core.sum() / 1e9)
+
+
+def measure(args):
+    """Point 3: matmul rate, the jaxmix step and the naive step, interleaved."""
     cfg, model, tokens, params, n_params, tx = build(args)
     d_inner = cfg.expand * cfg.d_model
     scan_elems = args.batch * args.seq_len * d_inner * cfg.d_state * cfg.n_layers
@@ -259,8 +365,8 @@ def main():
         med_rates.append(med)
         for r in runners:
             r.once()
-    peak = max(best_rates)
-    emit(bench="matmul_fp32", n=1024, best_gflops=peak / 1e9,
+    peak, probe = machine_matmul_rate(best_rates)
+    emit(bench="matmul_fp32", n=1024, **probe,
          median_of_medians_gflops=statistics.median(med_rates) / 1e9)
     rows = [r.row(flops) for r in runners]
     for row in rows:

@@ -13,13 +13,36 @@ import jax.numpy as jnp
 from jaxmix.ops import _impl
 
 
+# log1p(e) / e on [0, 1]: degree 8, fitted to the relative error (max 3e-8; 2e-7 with
+# fp32 rounding, the same as log1p itself). p(0) = 1 to fp32 precision.
+_LOG1P_COEFFS = (0.99999994, -0.49999493, 0.33319098, -0.24842979, 0.19105993,
+                 -0.13663214, 0.07822556, -0.029504986, 0.0052326294)
+# sigmoid = -expm1(-y) for y < _SERIES_BELOW from its Taylor series (degree 5: truncation
+# below 5e-8 relative), above it 1 - exp(-y) loses at most 3 bits to cancellation.
+_SERIES_BELOW = 0.125
+
+
+def _log1p_unit(e):
+    """log1p(e) for e in [0, 1] in fp32 (a polynomial: XLA:CPU's log1p is 4x slower)."""
+    p = _LOG1P_COEFFS[-1]
+    for c in _LOG1P_COEFFS[-2::-1]:
+        p = p * e + c
+    return e * p
+
+
+def _one_minus_exp_neg(y):
+    """1 - exp(-y) for y >= 0 without expm1 (slow in XLA:CPU) or cancellation near 0."""
+    series = y * (1 - y * (1 / 2 - y * (1 / 6 - y * (1 / 24 - y * (1 / 120)))))
+    return jnp.where(y < _SERIES_BELOW, series, 1 - jnp.exp(-y))
+
+
 @jax.custom_vjp
 def softplus_f32(x):
     """softplus(x) = max(x, 0) + log1p(exp(-|x|)), whose backward needs only the output:
-    softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)). One exp and one log1p forward, one
-    expm1 backward, nothing but the output kept (jax.nn.softplus keeps more and costs
-    about twice as much on CPU)."""
-    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)). One exp and a polynomial forward,
+    one exp backward, nothing but the output kept; relative error within 2.5e-7 of the
+    exact value, like jax.nn.softplus, which costs about 5x as much on CPU."""
+    return jnp.maximum(x, 0.0) + _log1p_unit(jnp.exp(-jnp.abs(x)))
 
 
 def _softplus_fwd(x):
@@ -28,7 +51,7 @@ def _softplus_fwd(x):
 
 
 def _softplus_bwd(y, g):
-    return (-g * jnp.expm1(-y),)
+    return (g * _one_minus_exp_neg(y),)
 
 
 softplus_f32.defvjp(_softplus_fwd, _softplus_bwd)
