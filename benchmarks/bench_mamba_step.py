@@ -49,11 +49,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.flatten_util import ravel_pytree  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs.mamba_lm import get_config  # noqa: E402
 from jaxmix import models  # noqa: E402
+from jaxmix.train.step import flat_mean  # noqa: E402
 from jaxmix.mixers.mamba import causal_conv  # noqa: E402
 
 # Forward per (b, t, d, n): delta*A, exp, a*h, +b, (delta*u)*B, C*h, sum = 7 flops;
@@ -120,17 +120,13 @@ def lm_loss(logits_BLV, tokens_BL, vocab):
 def make_step(loss_fn, tx):
     """A jit'd adamw step. On a mesh of several devices it is data parallel: each device
     takes the gradient of its share of the batch, and the gradients are averaged by one
-    all-reduce of a single flat vector (over gloo between processes, one collective per
-    step instead of one per parameter)."""
+    all-reduce of a single flat vector, as train.py's step does under pure data
+    parallelism (train.step.flat_mean; over gloo between processes)."""
     n = MESH.size
 
     def local_grads(params, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        if n > 1:
-            flat, unravel = ravel_pytree(grads)
-            grads = unravel(jax.lax.psum(flat, "data") / n)
-            loss = jax.lax.pmean(loss, "data")
-        return loss, grads
+        loss_grads = jax.value_and_grad(loss_fn)(params, tokens)
+        return flat_mean(loss_grads, "data") if n > 1 else loss_grads
 
     if n > 1:
         local_grads = jax.shard_map(local_grads, mesh=MESH, in_specs=(P(), P("data")),

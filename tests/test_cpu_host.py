@@ -122,3 +122,22 @@ def test_bench_mamba_step_single_process_mode():
     assert "launch" not in rows
     assert rows["env"]["processes"] == 1
     assert 0 < rows["summary"]["mfu"] < 1 and rows["summary"]["speedup_vs_naive"] > 0
+
+
+def test_data_parallel_axes_only_for_pure_data_parallel_meshes():
+    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+    from jaxmix.parallel.mesh import AXES
+    from jaxmix.train.step import data_parallel_axes
+
+    def axes(sizes, spec=P(("data", "fsdp"), None), param_spec=P("fsdp", "tensor")):
+        mesh = AbstractMesh(tuple(sizes), AXES)
+        params = {"w": NamedSharding(mesh, param_spec), "b": NamedSharding(mesh, P())}
+        return data_parallel_axes(mesh, NamedSharding(mesh, spec), params)
+
+    assert axes([8, 1, 1, 1]) == ("data", "fsdp")
+    assert axes([4, 1, 1, 1], P("data", None)) == ("data",)
+    assert axes([1, 1, 1, 1]) is None  # one device
+    assert axes([2, 4, 1, 1]) is None  # FSDP: params split over fsdp
+    assert axes([2, 4, 1, 1], param_spec=P()) == ("data", "fsdp")
+    assert axes([2, 1, 2, 1]) is None  # tensor parallel
+    assert axes([2, 1, 1, 2]) is None  # sequence parallel

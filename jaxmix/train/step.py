@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
 from jaxmix import cpu
 from jaxmix.train.state import TrainState
@@ -37,10 +39,63 @@ def _in_context(mesh, rules, fn):
     return run
 
 
+def _spec_axes(spec):
+    """Mesh axis names a PartitionSpec refers to."""
+    for entry in spec:
+        yield from ((entry,) if isinstance(entry, str) else tuple(entry or ()))
+
+
+def data_parallel_axes(mesh, batch_sharding, param_shardings=()):
+    """The mesh axes the batch is split over when that is all the mesh does (pure data
+    parallelism: no other axis larger than 1, and no param split over any axis larger
+    than 1, as FSDP would), else None."""
+    axes = tuple(_spec_axes(batch_sharding.spec[:1]))
+    used = {a for s in jax.tree.leaves(param_shardings) for a in _spec_axes(s.spec)}
+    if (math.prod(mesh.shape[a] for a in axes) == 1
+            or any(size > 1 for name, size in mesh.shape.items() if name not in axes)
+            or any(mesh.shape[a] > 1 for a in used)):
+        return None
+    return axes
+
+
+def flat_mean(tree, axes):
+    """Inside a shard_map: the mean of `tree` over the mesh `axes`, taken as ONE
+    all-reduce of all its leaves raveled into a flat vector."""
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.lax.psum(flat, axes) / jax.lax.psum(1, axes))
+
+
+def _has_aux_losses(model, params, tokens):
+    aux = jax.eval_shape(lambda p, t: total_loss(model, p, t)[1][1], params, tokens)
+    return any(k.endswith("loss") for k in aux)
+
+
 def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_sharding):
-    def step_fn(state: TrainState, tokens):
+    """The jit'd train step. Under pure data parallelism (see `data_parallel_axes`) the
+    gradients (and metrics) are taken per device inside a shard_map and averaged by ONE
+    all-reduce of a flat vector (`flat_mean`), instead of the per-parameter (tuple)
+    all-reduce GSPMD inserts: on a CPU host that is one rendezvous per step (the Mamba
+    LM step on 2 CPU devices gains 2 to 4%), between CPU processes one gloo call. Models
+    with aux losses keep the GSPMD step: their load-balancing terms are statistics of
+    the whole batch."""
+    dp_axes = data_parallel_axes(mesh, batch_sharding, state_shardings.params)
+
+    def grads_gspmd(params, tokens):
         grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens), has_aux=True)
-        (_, (ce, aux)), grads = grad_fn(state.params)
+        (_, (ce, aux)), grads = grad_fn(params)
+        return ce, aux, grads
+
+    def grads_local(params, tokens):  # one device's shard of the batch
+        with nn.logical_axis_rules(()):  # per-device code: no activation constraints
+            return flat_mean(grads_gspmd(params, tokens), dp_axes)
+
+    def step_fn(state: TrainState, tokens):
+        if dp_axes and not _has_aux_losses(model, state.params, tokens):
+            grads_fn = jax.shard_map(grads_local, mesh=mesh, in_specs=(P(), P(dp_axes)),
+                                     out_specs=P(), check_vma=False)
+        else:
+            grads_fn = grads_gspmd
+        ce, aux, grads = grads_fn(state.params, tokens)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce, "grad_norm": optax.global_norm(grads),
