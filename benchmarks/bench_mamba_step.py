@@ -18,7 +18,8 @@ How the step uses the cores (the same for both steps):
       rate used for the MFU is then the larger of a probe over all cores in the
       launching process before the workers start, and the sum of the per-core rates the
       workers measure side by side between steps.
-Freed memory is kept mapped and AVX-512 hosts get 512-bit loops in both modes.
+In both modes freed memory is kept mapped, while loops are compiled whole and AVX-512
+hosts get 512-bit loops, as train.py sets up a CPU host (jaxmix/cpu.py).
 
   .venv/bin/python benchmarks/bench_mamba_step.py                # point 3
   .venv/bin/python benchmarks/bench_mamba_step.py --processes 0  # point 3, a worker per core
@@ -43,6 +44,7 @@ if WORKER:  # pinned before JAX starts, so its thread pool and cost model see on
 from jaxmix import cpu  # noqa: E402
 
 cpu.keep_freed_memory()  # before JAX starts its threads
+cpu.compile_loops_whole()  # as train.py sets up a CPU host
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -141,3 +141,34 @@ def test_data_parallel_axes_only_for_pure_data_parallel_meshes():
     assert axes([2, 4, 1, 1], param_spec=P()) == ("data", "fsdp")
     assert axes([2, 1, 2, 1]) is None  # tensor parallel
     assert axes([2, 1, 1, 2]) is None  # sequence parallel
+
+
+def _loop_compiled_whole(call_first):
+    """Whether XLA:CPU compiles a 4 MB-per-iteration fori_loop as one function."""
+    code = "from jaxmix import cpu\n"
+    if call_first:  # the second call finds the option already in XLA_FLAGS
+        code += "assert cpu.compile_loops_whole()\nassert not cpu.compile_loops_whole()\n"
+    code += (
+        "import jax, jax.numpy as jnp\n"
+        "f = jax.jit(lambda x: jax.lax.fori_loop(0, 5, lambda i, c: c * 2.0 + 1.0, x))\n"
+        "x = jnp.ones(1 << 20)\n"
+        "assert float(f(x)[0]) == 63.0\n"
+        "assert not cpu.compile_loops_whole()  # JAX is running\n"
+        "print('xla_cpu_small_call' in f.lower(x).compile().as_text())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXMIX_WHOLE_LOOPS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()[-1] == "True"
+
+
+def test_compile_loops_whole_sets_the_xla_backend_option():
+    assert _loop_compiled_whole(True)
+    assert not _loop_compiled_whole(False)  # XLA's default threshold is 1 KiB
+
+
+def test_compile_loops_whole_opt_out(monkeypatch):
+    monkeypatch.setenv("JAXMIX_WHOLE_LOOPS", "0")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert cpu.compile_loops_whole() is False
+    assert "XLA_FLAGS" not in os.environ
