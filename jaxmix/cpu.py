@@ -29,14 +29,14 @@ Vector width. XLA:CPU emits 256-bit loops by default; on AVX-512 hosts 512-bit l
 make the step about 5% faster (`compiler_options`).
 
 Whole loops. XLA:CPU runs a while loop as a sequence of runtime tasks per iteration,
-one per fused op, and with several devices in one process a device's next task may
-start on another core than its last one, so the selective scan's state (a few hundred
-KB per device) moves between the cores' caches at every time step. XLA:CPU compiles a
+one per fused op. With two devices in one process the selective scan's loops ran about
+1.5x slower than on a core of their own (profiled; most likely a device's next task
+starting on the other core, away from the scan state in its cache). XLA:CPU compiles a
 loop whose one iteration touches fewer than `xla_cpu_small_while_loop_byte_threshold`
 bytes (default 1 KiB) into a single function instead; `compile_loops_whole()` raises
 that threshold (an XLA_FLAGS backend option, so for the whole process) for training
-processes. The Mamba LM train step on 2 CPU devices gets 8 to 10% faster, the
-transformer's about 4%; batch-1 Mamba decoding gets about 15% slower, which is why
+processes. The Mamba LM train step on 2 CPU devices gets 7 to 10% faster and the
+transformer's about 4%, but batch-1 Mamba decoding gets about 17% slower, which is why
 only training processes (train.py, the train benchmarks) set it.
 """
 import ctypes

@@ -80,21 +80,21 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
     the whole batch."""
     dp_axes = data_parallel_axes(mesh, batch_sharding, state_shardings.params)
 
-    def grads_gspmd(params, tokens):
+    def loss_and_grads(params, tokens):
         grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens), has_aux=True)
         (_, (ce, aux)), grads = grad_fn(params)
         return ce, aux, grads
 
     def grads_local(params, tokens):  # one device's shard of the batch
         with nn.logical_axis_rules(()):  # per-device code: no activation constraints
-            return flat_mean(grads_gspmd(params, tokens), dp_axes)
+            return flat_mean(loss_and_grads(params, tokens), dp_axes)
 
     def step_fn(state: TrainState, tokens):
         if dp_axes and not _has_aux_losses(model, state.params, tokens):
             grads_fn = jax.shard_map(grads_local, mesh=mesh, in_specs=(P(), P(dp_axes)),
                                      out_specs=P(), check_vma=False)
         else:
-            grads_fn = grads_gspmd
+            grads_fn = loss_and_grads
         ce, aux, grads = grads_fn(state.params, tokens)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
