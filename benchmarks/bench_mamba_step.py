@@ -26,6 +26,7 @@ hosts get 512-bit loops, as train.py sets up a CPU host (jaxmix/cpu.py).
   .venv/bin/python benchmarks/bench_mamba_step.py --sweep        # point 4: L = 256..16384
 """
 import argparse
+import collections
 import json
 import os
 import socket
@@ -36,10 +37,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# A worker of the multi-process mode: "rank,processes,core,port,peak_flops", set by launch().
-WORKER = os.environ.get("JAXMIX_BENCH_WORKER")
+# A worker of the multi-process mode gets its settings from launch() in this variable.
+WORKER_ENV = "JAXMIX_BENCH_WORKER"
+Worker = collections.namedtuple("Worker", "rank processes core port all_cores_flops")
+
+
+def worker_spec():
+    """This process's Worker settings, or None in a launching or single process."""
+    raw = os.environ.get(WORKER_ENV)
+    if not raw:
+        return None
+    rank, processes, core, port, flops = raw.split(",")
+    return Worker(int(rank), int(processes), int(core), int(port), float(flops))
+
+
+WORKER = worker_spec()
 if WORKER:  # pinned before JAX starts, so its thread pool and cost model see one core
-    os.sched_setaffinity(0, {int(WORKER.split(",")[2])})
+    os.sched_setaffinity(0, {WORKER.core})
 
 from jaxmix import cpu  # noqa: E402
 
@@ -53,10 +67,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from benchmarks.naive_mamba import naive_forward  # noqa: E402
 from configs.mamba_lm import get_config  # noqa: E402
 from jaxmix import models  # noqa: E402
 from jaxmix.train.step import flat_mean  # noqa: E402
-from jaxmix.mixers.mamba import causal_conv  # noqa: E402
 
 # Forward per (b, t, d, n): delta*A, exp, a*h, +b, (delta*u)*B, C*h, sum = 7 flops;
 # backward counted as twice the forward (the usual 1 + 2 convention of 6*N*T).
@@ -148,49 +162,6 @@ def on_mesh(tokens, params):
             jax.device_put(params, sharding(P())))
 
 
-# ---- the baseline: the same Mamba, scan = lax.scan over time, remat per step --------
-def naive_scan(u_BLI, delta_BLI, A_IN, B_BLN, C_BLN):
-    step_fn = jax.checkpoint(lambda h, x: _naive_step(A_IN, h, x))
-    h0 = jnp.zeros(u_BLI.shape[:1] + A_IN.shape, jnp.float32)
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u_BLI, delta_BLI, B_BLN, C_BLN))
-    _, y_LBI = jax.lax.scan(step_fn, h0, xs)
-    return jnp.moveaxis(y_LBI, 0, 1)
-
-
-def _naive_step(A_IN, h_BIN, x):
-    u, dl, b, c = x
-    h_BIN = jnp.exp(dl[..., None] * A_IN) * h_BIN + (dl * u)[..., None] * b[:, None, :]
-    return h_BIN, jnp.einsum("bin,bn->bi", h_BIN, c)
-
-
-def rms(x, w, eps=1e-5):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
-
-
-def naive_forward(params, tokens_BL, cfg):
-    p = params["params"]
-    emb = p["embed"]["embedding"]
-    x = emb[tokens_BL]
-    n, k = cfg.d_state, 4
-    for i in range(cfg.n_layers):
-        lp = p[f"layers_{i}"]
-        m = lp["mixer"]
-        h = rms(x, lp["norm"]["scale"])
-        xz = jnp.einsum("bld,dki->blki", h, m["in_proj"])
-        xi, z = xz[:, :, 0], xz[:, :, 1]
-        ctx = jnp.zeros((x.shape[0], k - 1, xi.shape[-1]), xi.dtype)
-        xi = jax.nn.silu(causal_conv(xi, m["conv_weight"], m["conv_bias"], ctx)[0])
-        dbl = xi @ m["x_proj"]["kernel"]
-        r = dbl.shape[-1] - 2 * n
-        dt, B, C = jnp.split(dbl, [r, r + n], axis=-1)
-        delta = jax.nn.softplus(dt @ m["dt_proj_kernel"] + m["dt_proj_bias"])
-        y = naive_scan(xi, delta, -jnp.exp(m["A_log"]), B, C)
-        y = (y + xi * m["D"]) * jax.nn.silu(z)
-        x = x + y @ m["out_proj"]
-    x = rms(x, p["norm_f"]["scale"])
-    return x @ emb.T
-
-
 def build(args):
     cfg = model_config(args)
     model = models.build(cfg)
@@ -272,9 +243,8 @@ def main():
         global OUT
         OUT = os.fdopen(os.dup(1), "w")
         os.dup2(2, 1)  # gloo prints its connection lines on stdout
-        rank, n_proc, _, port, _ = WORKER.split(",")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(f"localhost:{port}", int(n_proc), int(rank))
+        jax.distributed.initialize(f"localhost:{WORKER.port}", WORKER.processes, WORKER.rank)
         QUIET = jax.process_index() != 0  # process 0 speaks for the run
         devices = jax.devices()
     else:
@@ -306,8 +276,8 @@ def launch(n_proc):
     core_ids = sorted(os.sched_getaffinity(0))
     workers = [subprocess.Popen(
         [sys.executable, os.path.abspath(__file__)] + sys.argv[1:],
-        env=dict(os.environ, JAXMIX_BENCH_WORKER=f"{rank},{n_proc},{core_ids[rank]},{port},"
-                                                 f"{all_cores_flops}"))
+        env=dict(os.environ, **{WORKER_ENV: ",".join(
+            map(str, Worker(rank, n_proc, core_ids[rank], port, all_cores_flops)))}))
         for rank in range(n_proc)]
     while any(w.poll() is None for w in workers):
         failed = [w.returncode for w in workers if w.returncode not in (None, 0)]
@@ -329,10 +299,10 @@ def machine_matmul_rate(best_rates):
         return local, dict(best_gflops=local / 1e9)
     from jax.experimental import multihost_utils
     per_core = np.asarray(multihost_utils.process_allgather(np.float32(local)), np.float64)
-    all_cores = float(WORKER.split(",")[4])
-    return max(all_cores, per_core.sum()), dict(
-        best_gflops=max(all_cores, per_core.sum()) / 1e9,
-        all_cores_probe_gflops=all_cores / 1e9,
+    peak = max(WORKER.all_cores_flops, per_core.sum())
+    return peak, dict(
+        best_gflops=peak / 1e9,
+        all_cores_probe_gflops=WORKER.all_cores_flops / 1e9,
         per_core_gflops=[round(x / 1e9, 1) for x in per_core],
         per_core_sum_gflops=per_core.sum() / 1e9)
 
