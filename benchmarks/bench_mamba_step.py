@@ -1,4 +1,4 @@
-"""Mamba LM train-step throughput and model-FLOP utilisation (issue 3, points 3 and 4).
+"""Mamba LM train-step throughput and model-FLOP utilisation.
 
 One run measures, on this machine and in this order:
   1. the fp32 matmul rate (a square jnp.dot, best of several calls),

@@ -1,4 +1,4 @@
-"""Ring attention and long-context training on 8 simulated CPU devices (issue 6).
+"""Ring attention and long-context training on 8 simulated CPU devices.
 
   .venv/bin/python benchmarks/bench_ring.py memory [--length 65536]
       per-device compiled temp memory of ring attention forward+backward over 8

@@ -3,7 +3,7 @@ straightforwardly, its scan a lax.scan over time with jax.checkpoint on every st
 import jax
 import jax.numpy as jnp
 
-from jaxmix.mixers.mamba import causal_conv
+from jaxmix.parallel import causal_conv
 
 
 def naive_scan(u_BLI, delta_BLI, A_IN, B_BLN, C_BLN):
@@ -28,15 +28,14 @@ def naive_forward(params, tokens_BL, cfg):
     p = params["params"]
     emb = p["embed"]["embedding"]
     x = emb[tokens_BL]
-    n, k = cfg.d_state, 4
+    n = cfg.d_state
     for i in range(cfg.n_layers):
         lp = p[f"layers_{i}"]
         m = lp["mixer"]
         h = rms(x, lp["norm"]["scale"])
         xz = jnp.einsum("bld,dki->blki", h, m["in_proj"])
         xi, z = xz[:, :, 0], xz[:, :, 1]
-        ctx = jnp.zeros((x.shape[0], k - 1, xi.shape[-1]), xi.dtype)
-        xi = jax.nn.silu(causal_conv(xi, m["conv_weight"], m["conv_bias"], ctx)[0])
+        xi = jax.nn.silu(causal_conv(xi, m["conv_weight"], m["conv_bias"]))
         dbl = xi @ m["x_proj"]["kernel"]
         r = dbl.shape[-1] - 2 * n
         dt, B, C = jnp.split(dbl, [r, r + n], axis=-1)

@@ -1,4 +1,4 @@
-"""Long-context presets: the sequence split over `mesh.sequence` devices (issue 6).
+"""Long-context presets: the sequence split over `mesh.sequence` devices.
 
 Attention layers run as ring attention (zigzag layout) and Mamba layers as the
 sequence-parallel selective scan whenever mesh.sequence > 1; every block is

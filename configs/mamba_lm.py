@@ -3,6 +3,18 @@
 Presets: `default` (CPU, minutes), `smoke` (seconds, tests), and pod-scale
 shapes of the published Mamba models: `130m`, `370m`, `790m`, `1.4b`, `2.8b`.
   python train.py --config configs/mamba_lm.py[:PRESET] [--config.a.b=value ...]
+
+Pod presets (`pod_train`, shared with configs/transformer_lm.py): 256 x 2048 tokens per
+step, bf16 compute, every block rematerialised, and FSDP over all chips
+(mesh.data=1, mesh.fsdp=-1): params, gradients and AdamW moments are split over the
+chips (ZeRO-3) and so is the batch, so per-chip memory falls with the chip count
+instead of every chip holding a whole copy. One axis is the simplest mesh that fits;
+for several slices set mesh.data to the slice count (data parallel across slices, FSDP
+inside each). POD_CHIPS is each preset's documented pod size: the smallest TPU v5e
+slice (4 to 256 chips, 16 GiB each) whose per-chip estimate from
+`python -m jaxmix.train.memory` is at most 12 GiB (a quarter left for XLA's own
+buffers and the estimate's error). Another chip count works if it divides the batch
+(256) and d_model and its estimate fits.
 """
 import ml_collections
 
@@ -11,6 +23,8 @@ from jaxmix.parallel.mesh import DEFAULT_RULES
 # name: (d_model, n_layers), as in the Mamba paper's model family.
 POD_SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48),
               "1.4b": (2048, 48), "2.8b": (2560, 64)}
+# name: chips (a TPU v5e slice; see the module docstring).
+POD_CHIPS = {"130m": 8, "370m": 16, "790m": 32, "1.4b": 32, "2.8b": 64}
 
 
 def base_config():
@@ -43,7 +57,8 @@ def smoke_train(c):
 
 
 def pod_train(c, learning_rate):
-    """The run shape of the pod-scale presets."""
+    """The run shape of the pod-scale presets: FSDP over every chip (see the docstring)."""
+    c.mesh.update(data=1, fsdp=-1, tensor=1, sequence=1)
     c.train.update(steps=100_000, decay_steps=100_000, batch_size=256, seq_len=2048,
                    learning_rate=learning_rate, warmup_steps=2000, log_every=50,
                    eval_every=2000, checkpoint_every=1000)

@@ -8,6 +8,12 @@ Presets: `default` (CPU, minutes), `smoke` (seconds, tests), `hybrid` (two Mamba
 layers per attention layer, CPU-sized) and pod-scale Llama shapes with a byte
 vocabulary: `llama-160m`, `llama-410m`, `llama-1b`, `llama-7b`, `llama-8b`.
   python train.py --config configs/transformer_lm.py[:PRESET] [--config.a.b=value ...]
+
+Pod presets run as configs/mamba_lm.py's (its docstring): 256 x 2048 tokens per step,
+bf16, remat, FSDP over all chips (mesh.data=1, mesh.fsdp=-1; for several slices set
+mesh.data to the slice count). POD_CHIPS is each preset's documented TPU v5e slice:
+the smallest whose per-chip estimate (`python -m jaxmix.train.memory`) is at most
+12 GiB of the chip's 16 GiB.
 """
 from jaxmix import config_files
 
@@ -25,6 +31,9 @@ POD_SHAPES = {
     "llama-7b": (4096, 32, 32, 32, 11008, 10000.0),    # Llama-2-7B shape
     "llama-8b": (4096, 32, 32, 8, 14336, 500000.0),    # Llama-3-8B shape
 }
+# name: chips (a TPU v5e slice; see the module docstring).
+POD_CHIPS = {"llama-160m": 4, "llama-410m": 8, "llama-1b": 16, "llama-7b": 64,
+             "llama-8b": 64}
 
 
 def base_config():

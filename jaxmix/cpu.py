@@ -131,6 +131,15 @@ def prepare_training_host(config):
     use_cores_as_devices(n)
 
 
+def on_cpu():
+    """True when JAX computes on the CPU backend: the CPU-only speed pieces (the
+    polynomial softplus and exp2 of the selective scan, `linear`'s hand-written
+    backward, the one-vector gradient all-reduce) are used only then; TPU and GPU
+    get the plain XLA ops, which their compilers fuse and overlap on their own."""
+    import jax
+    return jax.default_backend() == "cpu"
+
+
 def _backend_started():
     from jax._src import xla_bridge
     return xla_bridge.backends_are_initialized()

@@ -54,15 +54,21 @@ def _live(spec, i, j):
     return live
 
 
+def _div(x, m):
+    """x // m for x >= 0 as a truncating division: jnp's floor division of traced ints
+    goes through sign(), whose TPU lowering depends on the chip generation."""
+    return jax.lax.div(x, jnp.asarray(m, jnp.int32))
+
+
 def _kv_range(spec, i, nk):
     """First and last live key block of query block i (for index-map clamping)."""
     q_first = i * spec.block_q + spec.offset
     hi = nk - 1
     lo = 0
     if spec.causal or spec.window:
-        hi = jnp.minimum(hi, jnp.maximum(q_first + spec.block_q - 1, 0) // spec.block_k)
+        hi = jnp.minimum(hi, _div(jnp.maximum(q_first + spec.block_q - 1, 0), spec.block_k))
     if spec.window:
-        lo = jnp.maximum(q_first - spec.window + 1, 0) // spec.block_k
+        lo = _div(jnp.maximum(q_first - spec.window + 1, 0), spec.block_k)
     return lo, hi
 
 
@@ -74,7 +80,7 @@ def _q_major_maps(spec, nk):
 
     def kv_map(b_, h, i, j):
         lo, hi = _kv_range(spec, i, nk)
-        return b_, h // spec.groups, _clamp(j, lo, hi), 0
+        return b_, _div(h, spec.groups), _clamp(j, lo, hi), 0
 
     return q_map, kv_map
 
@@ -84,10 +90,10 @@ def _q_range(spec, j, nq):
     k_first = j * spec.block_k
     lo, hi = 0, nq - 1
     if spec.causal or spec.window:
-        lo = jnp.minimum(jnp.maximum(k_first - spec.offset, 0) // spec.block_q, nq - 1)
+        lo = jnp.minimum(_div(jnp.maximum(k_first - spec.offset, 0), spec.block_q), nq - 1)
     if spec.window:
         y = k_first + spec.block_k - 2 - spec.offset + spec.window
-        hi = jnp.minimum(jnp.maximum(y, 0) // spec.block_q, nq - 1)
+        hi = jnp.minimum(_div(jnp.maximum(y, 0), spec.block_q), nq - 1)
     return lo, hi
 
 

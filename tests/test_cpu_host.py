@@ -143,6 +143,36 @@ def test_data_parallel_axes_only_for_pure_data_parallel_meshes():
     assert axes([2, 1, 1, 2]) is None  # sequence parallel
 
 
+def test_cpu_speed_pieces_only_on_the_cpu_backend(monkeypatch):
+    """Off the CPU backend: plain dots (no hand-written linear backward), jax.nn.softplus,
+    XLA's exp2 in the xla scan, and GSPMD's gradient all-reduces (no flat vector)."""
+    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+    from jaxmix import cpu
+    from jaxmix.ops.scan_xla import selective_scan_xla
+    from jaxmix.parallel.mesh import AXES
+    from jaxmix.train.step import flat_reduce_axes
+
+    x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+    u, delta, b = jnp.ones((1, 8, 4)), jnp.ones((1, 8, 4)), jnp.ones((1, 8, 2))
+
+    def traced():
+        lin = str(jax.make_jaxpr(lambda w: linear(x, w))(w))
+        scan = str(jax.make_jaxpr(lambda u: selective_scan_xla(
+            u, delta, -jnp.ones((4, 2)), b, b, delta_softplus=True))(u))
+        return lin, scan
+
+    lin, scan = traced()
+    assert "custom_vjp" in lin and "exp2" not in scan and "log1p" not in scan
+    monkeypatch.setattr(cpu, "on_cpu", lambda: False)
+    lin, scan = traced()
+    assert "custom_vjp" not in lin and "exp2" in scan and "log1p" in scan
+    mesh = AbstractMesh((2, 1, 1, 1), AXES)
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    assert flat_reduce_axes(mesh, batch, {}, "cpu") == ("data", "fsdp")
+    assert flat_reduce_axes(mesh, batch, {}, "tpu") is None
+    assert flat_reduce_axes(mesh, batch, {}, "gpu") is None
+
+
 def _loop_compiled_whole(call_first):
     """Whether XLA:CPU compiles a 4 MB-per-iteration fori_loop as one function."""
     code = "from jaxmix import cpu\n"

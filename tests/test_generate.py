@@ -59,6 +59,27 @@ def test_decode_matches_forward(family):
     assert float(jnp.abs(decoded - full).max()) <= 1e-5
 
 
+def test_mamba_decode_step_runs_no_kernel():
+    """With scan_impl=pallas the prefill runs the scan kernel, a one-token decode step a
+    plain step of the recurrence: no pallas_call in its jaxpr, and the cached decode
+    still equals the full forward pass."""
+    config, _, params = built("mamba")
+    config.model.scan_impl = "pallas"
+    lm = models.build(config.model)
+    seq = tokens(TOTAL - 4)
+    full, _ = jax.jit(lambda p, t: lm.apply({"params": p}, t))(params, seq)
+    step = lambda p, t, c: lm.apply({"params": p}, t, decode=True, cache=c)
+    cache = gen.init_cache(lm, BATCH, TOTAL)
+    assert "pallas_call" in str(jax.make_jaxpr(step)(params, seq[:, :PROMPT], cache))
+    logits, _, cache = jax.jit(step)(params, seq[:, :PROMPT], cache)
+    pieces = [logits]
+    for t in range(PROMPT, seq.shape[1]):
+        assert "pallas_call" not in str(jax.make_jaxpr(step)(params, seq[:, t:t + 1], cache))
+        logits, _, cache = jax.jit(step)(params, seq[:, t:t + 1], cache)
+        pieces.append(logits)
+    assert float(jnp.abs(jnp.concatenate(pieces, axis=1) - full).max()) <= 1e-5
+
+
 @pytest.mark.parametrize("family", ["mamba", "hybrid"])
 def test_greedy_is_argmax_of_forward(family):
     """Teacher-forced check: each greedy token is the argmax of the full forward pass

@@ -66,6 +66,18 @@ def test_reference_init():
     assert float(jnp.abs(params["out_proj"]).max()) <= bound
 
 
+def test_in_proj_init_matches_torch_linear():
+    """in_proj [d_model, 2, d_inner] is torch nn.Linear(d_model, 2 d_inner)'s init:
+    U(+-1/sqrt(d_model)), standard deviation 1/sqrt(3 d_model) (fan-in d_model, not
+    the 2 d_model flax would count for the 3-D shape)."""
+    d_model = 256
+    _, params = init_mixer(mixer_cfg(d_model=d_model), jnp.zeros((1, 4, d_model)))
+    w = np.asarray(params["in_proj"])
+    want = 1 / math.sqrt(3 * d_model)
+    assert abs(w.std() / want - 1) < 0.05, (w.std(), want)
+    assert np.abs(w).max() <= 1 / math.sqrt(d_model)
+
+
 def lm_config(**kw):
     import mamba_lm
     c = mamba_lm.get_config("smoke")

@@ -1,7 +1,8 @@
-"""Ring attention on 8 simulated CPU devices (issue 6): exactness, collectives, memory.
+"""Ring attention on 8 simulated CPU devices: exactness, collectives, memory.
 
 Every multi-device check runs in one worker process (tests/workers/ring_cases.py)
-that computes many cases and prints a JSON line per case.
+that computes many cases and prints a JSON line per case. The ring runs inside a
+user's `jax.shard_map` with the default check_vma=True (one case with check_vma=False).
 """
 import itertools
 import json
@@ -35,6 +36,7 @@ def covering_cases():
     cases[4]["q_chunks"] = 4
     cases.append(dict(case(4, True, "zigzag", 1, 0), hkv=2, masked_rows=True, q_chunks=2))
     cases.append(case(4, True, "zigzag", 1, 1, window=20))        # sliding window: hops skip
+    cases[-1]["check_vma"] = False   # the ring also runs in an unchecked shard_map
     cases.append(case(8, True, "contiguous", 0, 0, window=24, q_chunks=2))
     return cases
 

@@ -2,7 +2,7 @@
 
 Off TPU the kernels run in TPU interpret mode (`pltpu.InterpretParams`), which
 simulates VMEM, DMAs and the grid; it is slow, so the default set is a few small
-shapes and the full grid of the issue (B x L x D x N) is marked slow. Errors are
+shapes and the full grid (B x L x D x N) is marked exhaustive. Errors are
 normalised like tests/test_selective_scan.py (max abs error over max |reference|).
 """
 import itertools

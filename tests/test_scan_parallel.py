@@ -1,4 +1,10 @@
-"""Sequence-parallel selective scan and conv halo on 8 simulated CPU devices (issue 6)."""
+"""Sequence-parallel selective scan and conv halo on 8 simulated CPU devices.
+
+The scan and the conv run in shard_maps with the default check_vma=True (the Pallas
+case unchecked, as a pallas_call needs; its local scans run the kernel per device over
+batch and channels too); the conv is checked, values and gradients, against the
+unsharded depthwise `lax.conv_general_dilated`.
+"""
 import json
 import os
 import subprocess
@@ -10,10 +16,13 @@ from conftest import ROOT
 
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 RTOL = 1e-5
-# (data, fsdp, tensor, sequence): sequence 8, 4 and 2, with batch / channels sharded too.
+# (data, fsdp, tensor, sequence): sequence 8, 4 and 2, with batch and (tensor = 2)
+# channels sharded too; the local scan "xla" (auto on CPU), "reference" or "pallas".
 CASES = [dict(mesh=[1, 1, 1, 8], gate=True, init=True),
-         dict(mesh=[2, 1, 1, 4], gate=False, init=False),
-         dict(mesh=[1, 2, 2, 2], gate=True, init=True)]
+         dict(mesh=[2, 1, 1, 4], gate=False, init=False, impl="reference"),
+         dict(mesh=[1, 2, 2, 2], gate=True, init=True),
+         dict(mesh=[2, 1, 2, 2], gate=True, init=False, impl="pallas")]
+CONV = {"conv", "conv_d_x", "conv_d_w", "conv_d_bias"}
 
 
 def worker(arg, timeout=900):
@@ -28,8 +37,9 @@ def test_sequence_parallel_scan_matches_one_device():
     rows = worker(json.dumps({"cases": CASES}))
     assert len(rows) == len(CASES)
     for row in rows:
-        errors = {k: v for k, v in row.items() if k in ("y", "h", "conv") or k.startswith("d_")}
-        want = {"y", "h", "conv", "d_u", "d_delta", "d_A", "d_B", "d_C", "d_D", "d_delta_bias"}
+        errors = {k: v for k, v in row.items()
+                  if k in ("y", "h") or k in CONV or k.startswith("d_")}
+        want = {"y", "h", "d_u", "d_delta", "d_A", "d_B", "d_C", "d_D", "d_delta_bias"} | CONV
         want |= {"d_z"} if row["gate"] else set()
         want |= {"d_initial_state"} if row["init"] else set()
         assert set(errors) == want, row
@@ -44,11 +54,12 @@ def test_only_the_small_chunk_states_are_gathered():
         assert np.prod(dims) <= report["max_state_elems"], report
 
 
-def test_without_a_sequence_axis_it_is_the_plain_scan():
+def test_without_a_sequence_axis_it_is_the_plain_scan_and_conv():
     import jax.numpy as jnp
 
     from jaxmix import ops
-    from jaxmix.parallel.scan_parallel import sequence_parallel_selective_scan
+    from jaxmix.parallel.scan_parallel import (sequence_parallel_causal_conv,
+                                               sequence_parallel_selective_scan)
     rng = np.random.default_rng(0)
     b, length, d, n = 1, 16, 4, 2
     u, delta = (jnp.asarray(rng.standard_normal((b, length, d)), jnp.float32) for _ in range(2))
@@ -59,3 +70,8 @@ def test_without_a_sequence_axis_it_is_the_plain_scan():
     y_ref, h_ref = ops.selective_scan(u, delta, a, bc, bc, delta_softplus=True,
                                       return_last_state=True)
     assert jnp.allclose(y, y_ref) and jnp.allclose(h, h_ref)
+    w = jnp.asarray(rng.standard_normal((4, d)), jnp.float32)
+    conv = sequence_parallel_causal_conv(u, w, w[1])
+    xp = jnp.pad(u, ((0, 0), (3, 0), (0, 0)))
+    expect = sum(xp[:, k:k + length] * w[k] for k in range(4)) + w[1]
+    assert jnp.allclose(conv, expect, atol=1e-6)

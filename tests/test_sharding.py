@@ -83,9 +83,9 @@ def run_two_processes(args, workdir, timeout=900):
     return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
 
 
-def losses(workdir):
+def losses(workdir, key="loss"):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
 
 SMOKE8 = ["--config", "configs/mamba_lm.py:smoke", "--config.train.batch_size=8"]
@@ -110,6 +110,23 @@ def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
     assert "resumed from step 10" in resumed.stderr
     got = losses(cont)
     assert_close([got[s] for s in range(12, 21, 2)], [want[s] for s in range(12, 21, 2)])
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_batch_rows_report_the_one_process_validation_loss(tmp_path):
+    """Mesh (data 1, sequence 8) over 2 processes x 4 devices: both processes feed the
+    same batch rows (the sequence axis crosses them), so the validation loss must not
+    be divided by the process count."""
+    args = ["--config", "configs/mamba_lm.py:smoke", "--config.mesh.data=1",
+            "--config.mesh.sequence=8", "--config.train.steps=5"]
+    for rc, err in run_two_processes(args, tmp_path / "two"):
+        assert rc == 0, err[-3000:]
+    ref = run_train(args, tmp_path / "one", EIGHT)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, want = losses(tmp_path / "two", "val_loss"), losses(tmp_path / "one", "val_loss")
+    assert sorted(got) == sorted(want) == [5]
+    assert_close([got[5]], [want[5]])
+    assert_close(list(losses(tmp_path / "two").values()), list(losses(tmp_path / "one").values()))
 
 
 def test_tensor_axis_must_divide_channels(tmp_path):

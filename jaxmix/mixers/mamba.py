@@ -6,7 +6,8 @@ out_proj(y). Weight names match the reference so checkpoints convert 1:1.
 
 Decoding: with `decode=True` the layer continues from `cache` (or from zeros):
 cache = {"conv": [B, d_conv - 1, d_inner] last inputs, "ssm": [B, d_inner, N]}.
-The same code path serves a whole prompt (prefill) and single tokens.
+A prompt (prefill) runs the scan from the cached state; a single new token runs one
+plain step of the recurrence (`ops.selective_state_update`, no kernel).
 """
 import math
 from typing import Any
@@ -14,11 +15,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxmix import ops, parallel
 from jaxmix.models.layers import (DenseGeneral, compute_dtype, constrain, linear,
-                                  param_with_axes, scaled_init, torch_linear_init)
+                                  matrix_init, param_with_axes, scaled_init,
+                                  torch_linear_init)
 
 
 def dt_rank_of(cfg):
@@ -47,15 +48,6 @@ def uniform_init(bound):
     return init
 
 
-def causal_conv(x_BLI, w_KI, bias_I, ctx_BKI):
-    """Depthwise causal conv: y_t = sum_k w[k] * x_{t-K+1+k} (+ bias), left context ctx."""
-    k = w_KI.shape[0]
-    xp = jnp.concatenate([ctx_BKI.astype(x_BLI.dtype), x_BLI], axis=1)
-    length = x_BLI.shape[1]
-    y = sum(xp[:, i:i + length] * w_KI[i] for i in range(k))
-    return y + bias_I, xp[:, xp.shape[1] - (k - 1):]
-
-
 class Mamba(nn.Module):
     cfg: Any
 
@@ -68,8 +60,9 @@ class Mamba(nn.Module):
         d_inner, k, r = cfg.expand * d_model, cfg.get("d_conv", 4), dt_rank_of(cfg)
         bsz = x_BLD.shape[0]
 
-        w_in = param_with_axes(self, "in_proj", torch_linear_init, (d_model, 2, d_inner),
-                               ("embed", None, "mlp"))
+        # torch nn.Linear(d_model, 2 * d_inner)'s init: the fan-in is d_model.
+        w_in = param_with_axes(self, "in_proj", matrix_init(torch_linear_init),
+                               (d_model, 2, d_inner), ("embed", None, "mlp"))
         # Two [d_model, d_inner] products: each half of the weight keeps its "mlp" sharding.
         h_BLD, w_in = x_BLD.astype(dtype), w_in.astype(dtype)
         x_BLI, z_BLI = linear(h_BLD, w_in[:, 0]), linear(h_BLD, w_in[:, 1])
@@ -86,10 +79,17 @@ class Mamba(nn.Module):
                                  (None, "mlp"))
         b_conv = param_with_axes(self, "conv_bias", uniform_init(conv_bound), (d_inner,),
                                  ("mlp",))
-        if decode and cache is None:
-            cache = self.init_cache(bsz, d_model, x_BLD.dtype)
-        ctx = cache["conv"] if decode else jnp.zeros((bsz, k - 1, d_inner), dtype)
-        x_BLI, conv_state = causal_conv(x_BLI, w_conv.astype(dtype), b_conv.astype(dtype), ctx)
+        w_conv, b_conv = w_conv.astype(dtype), b_conv.astype(dtype)
+        if decode:
+            if cache is None:
+                cache = self.init_cache(bsz, d_model, x_BLD.dtype)
+            ctx_BKI = cache["conv"].astype(dtype)
+            x_all = jnp.concatenate([ctx_BKI, x_BLI], axis=1)
+            conv_state = x_all[:, x_all.shape[1] - (k - 1):]   # the last k-1 inputs
+            x_BLI = parallel.causal_conv(x_BLI, w_conv, b_conv, ctx_BKI)
+        else:
+            # Under a mesh with `sequence` > 1: the explicit halo exchange (one ppermute).
+            x_BLI = parallel.sequence_parallel_causal_conv(x_BLI, w_conv, b_conv)
         x_BLI = jax.nn.silu(x_BLI)
 
         x_dbl = DenseGeneral(r + 2 * n, ("mlp", None), dtype=dtype, name="x_proj")(x_BLI)
@@ -101,13 +101,19 @@ class Mamba(nn.Module):
 
         A_log = param_with_axes(self, "A_log", a_log_init, (d_inner, n), ("mlp", "state"))
         D = param_with_axes(self, "D", nn.initializers.ones, (d_inner,), ("mlp",))
-        # Sequence-parallel over the mesh's `sequence` axis when it is > 1 (training and
-        # prefill); a decode step continues one device's state.
-        scan = ops.selective_scan if decode else parallel.sequence_parallel_selective_scan
-        y_BLI, ssm_state = scan(
-            x_BLI, dt_BLI, -jnp.exp(A_log), B_BLN, C_BLN, D, z_BLI, delta_bias=dt_b,
-            delta_softplus=True, initial_state=cache["ssm"] if decode else None,
-            return_last_state=True, impl=cfg.get("scan_impl", "auto"))
+        if decode and x_BLI.shape[1] == 1:  # one new token: one step of the recurrence
+            y_BI, ssm_state = ops.selective_state_update(
+                cache["ssm"], x_BLI[:, 0], dt_BLI[:, 0], -jnp.exp(A_log), B_BLN[:, 0],
+                C_BLN[:, 0], D, z_BLI[:, 0], delta_bias=dt_b, delta_softplus=True)
+            y_BLI = y_BI[:, None]
+        else:
+            # Sequence-parallel over the mesh's `sequence` axis when it is > 1 (training);
+            # a prefill continues one device's state.
+            scan = ops.selective_scan if decode else parallel.sequence_parallel_selective_scan
+            y_BLI, ssm_state = scan(
+                x_BLI, dt_BLI, -jnp.exp(A_log), B_BLN, C_BLN, D, z_BLI, delta_bias=dt_b,
+                delta_softplus=True, initial_state=cache["ssm"] if decode else None,
+                return_last_state=True, impl=cfg.get("scan_impl", "auto"))
         y_BLI = constrain(y_BLI, ("batch", "length", "mlp"))
 
         w_out = param_with_axes(self, "out_proj", scaled_init(torch_linear_init, cfg.n_layers),

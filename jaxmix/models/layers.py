@@ -1,9 +1,12 @@
 """Small shared layers: RMSNorm, SwiGLU MLP, initialisers, logical-axis helpers."""
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxmix import cpu
 
 # torch.nn.Linear's default init: U(+-1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -72,6 +75,14 @@ class SwiGLU(nn.Module):
         return DenseGeneral(d_model, ("mlp", "embed"), init=down_init, name="down_proj", **kw)(h)
 
 
+def matrix_init(init):
+    """`init` for a kernel [fan_in, *out] drawn as the [fan_in, prod(out)] matrix it is
+    (flax would count prod(shape[:-1]) as the fan-in of a 3-D shape)."""
+    def f(key, shape, dtype=jnp.float32):
+        return init(key, (shape[0], math.prod(shape[1:])), dtype).reshape(shape)
+    return f
+
+
 def scaled_init(init, n_layers):
     """`init` divided by sqrt(n_layers) (GPT-2 / Mamba residual-branch rescale)."""
     def f(key, shape, dtype=jnp.float32):
@@ -79,12 +90,18 @@ def scaled_init(init, n_layers):
     return f
 
 
-@jax.custom_vjp
 def linear(x, w_KN):
-    """x [..., K] @ w [K, N], with a hand-written backward: the weight gradient is one
-    dot_general contracting every leading axis of x and dy straight into [K, N]. Autodiff's
-    version contracts into [N, K] and transposes, and XLA:CPU then transposes whole
-    activations around it (about 7% of the Mamba LM train step on CPU)."""
+    """x [..., K] @ w [K, N]. On the CPU backend with a hand-written backward
+    (`_linear_cpu`), elsewhere a plain dot for the compiler to fuse as it likes."""
+    return _linear_cpu(x, w_KN) if cpu.on_cpu() else jnp.dot(x, w_KN)
+
+
+@jax.custom_vjp
+def _linear_cpu(x, w_KN):
+    """x @ w whose weight gradient is one dot_general contracting every leading axis of
+    x and dy straight into [K, N]. Autodiff's version contracts into [N, K] and
+    transposes, and XLA:CPU then transposes whole activations around it (about 7% of
+    the Mamba LM train step on CPU)."""
     return jnp.dot(x, w_KN)
 
 
@@ -99,4 +116,4 @@ def _linear_bwd(res, dy):
     return jnp.dot(dy, w_KN.T).astype(x.dtype), dw_KN.astype(w_KN.dtype)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear_cpu.defvjp(_linear_fwd, _linear_bwd)

@@ -28,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxmix.ops import _impl
+from jaxmix.ops import _impl, per_device
 
 
 def default_positions(batch, q_len, kv_len):
@@ -179,6 +179,28 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
         from jaxmix.ops.attention_xla import attention_xla
         out, lse = attention_xla(q, k, v, **kw)
     else:
-        from jaxmix.ops.attention_pallas import attention_pallas
-        out, lse = attention_pallas(q, k, v, **kw)
+        out, lse = attention_per_device(q, k, v, **kw)
     return (out, lse) if return_lse else out
+
+
+def attention_per_device(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, **kw):
+    """The Pallas kernels run by every device on its shard (`per_device.per_device`):
+    batch over the mesh axes of the logical name "batch", query heads over those of
+    "heads" (k/v heads too when they divide, so query head h still reads kv head
+    h // G locally; MQA keeps its one kv head whole). Returns (out, lse)."""
+    from jaxmix.ops.attention_pallas import attention_pallas
+    hq, hkv = q.shape[2], k.shape[2]
+    b_ax = per_device.mesh_axes("batch", q.shape[0])
+    h_ax = kv_ax = per_device.mesh_axes("heads", hq, hkv)
+    if not h_ax and hkv == 1:
+        h_ax, kv_ax = per_device.mesh_axes("heads", hq), ()
+    s = per_device.spec
+    seg = None if q_segment_ids is None else s(b_ax)
+
+    def body(q, k, v, q_seg, kv_seg):
+        return attention_pallas(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, **kw)
+
+    in_specs = (s(b_ax, (), h_ax), s(b_ax, (), kv_ax), s(b_ax, (), kv_ax), seg, seg)
+    out_specs = (s(b_ax, (), h_ax), s(b_ax, h_ax))
+    return per_device.per_device(body, in_specs, out_specs)(q, k, v, q_segment_ids,
+                                                            kv_segment_ids)

@@ -4,8 +4,8 @@ Transposes [B, L, H, D] to the kernels' [B, H, L, D], pads the head dim to 128
 lanes and L, S to multiples of the blocks (padded keys are masked in-kernel,
 padded queries sliced off), broadcasts segment ids and row statistics to the
 TPU-friendly layouts the kernels expect, and runs forward, dq and dk/dv kernels.
-On CPU the kernels run in TPU interpret mode (`pltpu.InterpretParams()`; plain
-`interpret=True` works too and is used on GPU). Not yet run on a real TPU.
+Off TPU the kernels run interpreted (`per_device.tpu_kernel_interpret`: TPU interpret
+mode on one CPU device, the generic interpreter otherwise). Not yet run on a real TPU.
 Explicit q/kv positions are not supported here (use impl="xla").
 """
 import functools
@@ -13,8 +13,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import tpu as pltpu
 
+from jaxmix.ops.per_device import tpu_kernel_interpret
 from kernels_pallas import flash_attention as fa
 
 BLOCK_Q = 128
@@ -23,14 +23,6 @@ BLOCK_K = 128
 
 def _round_up(x, m):
     return -(-x // m) * m
-
-
-def default_interpret():
-    """Compiled on TPU; TPU interpret mode on CPU; the generic interpreter elsewhere."""
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return False
-    return pltpu.InterpretParams() if backend == "cpu" else True
 
 
 def _to_kernel(x_BLHD, length, dp):
@@ -113,7 +105,7 @@ def attention_pallas(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
         raise ValueError("attention(impl='pallas'): q_positions/kv_positions are not "
                          "supported; use impl='xla'")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    interpret = default_interpret() if interpret is None else interpret
+    interpret = tpu_kernel_interpret() if interpret is None else interpret
     window = None if sliding_window is None else int(sliding_window)
     return _flash(q, k, v, q_segment_ids, kv_segment_ids, bool(causal), window, scale,
                   int(block_q), int(block_k), interpret)

@@ -19,6 +19,9 @@ tile, accumulating dk/dv per key block and dq into an fp32 [B, Hkv, G, L, D] buf
 uses: call the forward on each rotated K/V block with its true positions and
 segment ids, combine with `merge_partials`, and in the backward call
 `flash_backward` per block with the *merged* out and lse.
+
+Inside `jax.shard_map` (default check_vma=True) the loop carries are typed varying
+like the data and `attention_xla` casts q, k, v to one varying type (`ops.vma`).
 """
 import functools
 import math
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix.ops.attention import default_positions, mask_of
+from jaxmix.ops.vma import cast_vma, match_vma, vma_of
 
 BLOCK_Q = 512
 BLOCK_K = 512
@@ -173,6 +177,7 @@ def flash_forward(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=N
                    sliding_window)
     q_BHGLD, k_BHSD, v_BHSD = _to_blocked(q, k, v, t)
     stat_shape = q_BHGLD.shape[:3] + (t.bq,)
+    axes = vma_of(q, k, v, ctx)  # loop carries vary like the data (inside shard_map)
 
     def kv_step(i, q_blk, j, carry):
         def tile(masked, carry):
@@ -195,8 +200,9 @@ def flash_forward(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=N
         out, lse = carry
         q_blk = _slice(q_BHGLD, i * t.bq, t.bq, 3)
         lo, hi = _live_bounds(ctx.kind[i])
-        init = (jnp.full(stat_shape, NEG_INF, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
-                jnp.zeros(stat_shape + (d,), jnp.float32))
+        init = cast_vma((jnp.full(stat_shape, NEG_INF, jnp.float32),
+                         jnp.zeros(stat_shape, jnp.float32),
+                         jnp.zeros(stat_shape + (d,), jnp.float32)), axes)
         m, den, acc = jax.lax.fori_loop(lo, hi, functools.partial(kv_step, i, q_blk), init)
         empty = den == 0
         o_blk = acc / jnp.where(empty, 1.0, den)[..., None]
@@ -205,8 +211,8 @@ def flash_forward(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=N
         lse = jax.lax.dynamic_update_slice_in_dim(lse, lse_blk, i * t.bq, 3)
         return out, lse
 
-    init = (jnp.zeros(q_BHGLD.shape, out_dtype or q.dtype),
-            jnp.zeros(q_BHGLD.shape[:4], jnp.float32))
+    init = cast_vma((jnp.zeros(q_BHGLD.shape, out_dtype or q.dtype),
+                     jnp.zeros(q_BHGLD.shape[:4], jnp.float32)), axes)
     out_BHGLD, lse_BHGL = jax.lax.fori_loop(0, t.nq, q_step, init)
     lse = lse_BHGL.reshape(b, hq, -1)[:, :, :l]
     return _from_blocked_q(out_BHGLD, t), lse
@@ -237,6 +243,7 @@ def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=False, q_segmen
                                 ((0, 0),) * 3 + ((0, t.nq * t.bq - l),))
     lse_BHGL = jnp.where(lse_BHGL == NEG_INF, 0.0, lse_BHGL)
     kv_kind = ctx.kind.T
+    axes = vma_of(q, k, v, out, lse, dout, dlse, ctx)  # loop carries vary like the data
 
     def q_step(j, k_blk, v_blk, i, carry):
         def tile(masked, carry):
@@ -266,16 +273,16 @@ def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=False, q_segmen
         k_blk, v_blk = (_slice(x, j * t.bk, t.bk, 2) for x in (k_BHSD, v_BHSD))
         lo, hi = _live_bounds(kv_kind[j])
         acc_shape = k_blk.shape
-        zeros = jnp.zeros(acc_shape, jnp.float32)
+        zeros = cast_vma(jnp.zeros(acc_shape, jnp.float32), axes)
         dq, dk_blk, dv_blk = jax.lax.fori_loop(lo, hi, functools.partial(q_step, j, k_blk, v_blk),
                                                (dq, zeros, zeros))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_blk.astype(dk.dtype), j * t.bk, 2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_blk.astype(dv.dtype), j * t.bk, 2)
         return dq, dk, dv
 
-    init = (jnp.zeros(q_BHGLD.shape, jnp.float32),
-            jnp.zeros(k_BHSD.shape, grad_dtype or k.dtype),
-            jnp.zeros(v_BHSD.shape, grad_dtype or v.dtype))
+    init = cast_vma((jnp.zeros(q_BHGLD.shape, jnp.float32),
+                     jnp.zeros(k_BHSD.shape, grad_dtype or k.dtype),
+                     jnp.zeros(v_BHSD.shape, grad_dtype or v.dtype)), axes)
     dq, dk, dv = jax.lax.fori_loop(0, t.nk, kv_step, init)
     dq = _from_blocked_q(dq, t).astype(grad_dtype or q.dtype)
     dk, dv = (x.transpose(0, 2, 1, 3)[:, :s_len] for x in (dk, dv))
@@ -324,5 +331,9 @@ def attention_xla(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=N
                   block_q=BLOCK_Q, block_k=BLOCK_K):
     """Differentiable blocked attention: (out [B, L, Hq, D], lse [B, Hq, L] fp32)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # Inside shard_map q, k, v get one varying type, so that the cotangents (which vary
+    # like all the data) match their primals; e.g. a replicated k's dk is then psummed.
+    q, k, v = match_vma((q, k, v), q, k, v, q_segment_ids, kv_segment_ids, q_positions,
+                        kv_positions)
     return _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
                   bool(causal), sliding_window, scale, int(block_q), int(block_k))

@@ -5,25 +5,20 @@ initial state).
 This layer pads and lays out the arrays for the kernels: L up to a multiple of the
 time tile (masked inside the kernel), D up to a multiple of the 128-lane channel
 tile (cut off afterwards), B and C transposed to [B, N, L] and A to [N, D] so the
-state is [N, D] with channels on lanes. Off TPU the kernels run in TPU interpret
-mode (`pltpu.InterpretParams()`), which is slow and meant for tests.
+state is [N, D] with channels on lanes. Off TPU the kernels run interpreted
+(`per_device.tpu_kernel_interpret`), which is slow and meant for tests.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import tpu as pltpu
 
+from jaxmix.ops.per_device import tpu_kernel_interpret
 from kernels_pallas import selective_scan as kernel
 
 LANES = 128
 # The backward keeps block_l recomputed [N, block_d] fp32 states in VMEM.
 VMEM_STATE_BYTES = 2 << 20
-
-
-def default_interpret():
-    """False on TPU (compile with Mosaic); TPU interpret mode elsewhere."""
-    return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
 
 
 def tiles(length, d, n=16, block_l=None, block_d=None):
@@ -43,29 +38,36 @@ def tiles(length, d, n=16, block_l=None, block_d=None):
     return block_l, lp, block_d, dp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-def _core(u, delta, z, bT, cT, aT, dskip, bias, h0, static):
-    y, h_last, _ = kernel.scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, **dict(static))
-    return y, h_last
+def make_core(kernel):
+    """The custom_vjp over a scan kernel module's `scan_fwd` / `scan_bwd` (the TPU and
+    GPU kernels share their signatures: the forward saves the chunk-start states, the
+    backward returns per-channel-block partials of dB, dC (summed here over axis 1) and
+    per-batch partials of dA, dD, dbias (over axis 0))."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+    def core(u, delta, z, b, c, a, dskip, bias, h0, static):
+        y, h_last, _ = kernel.scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, **dict(static))
+        return y, h_last
+
+    def core_fwd(u, delta, z, b, c, a, dskip, bias, h0, static):
+        y, h_last, hs = kernel.scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, **dict(static))
+        return (y, h_last), (u, delta, z, b, c, a, dskip, bias, hs, h0)
+
+    def core_bwd(static, res, cts):
+        u, delta, z, b, c, a, dskip, bias, hs, h0 = res
+        dy, dh_last = cts
+        du, ddl, dz, db, dc, da, dD, dbias, dh0 = kernel.scan_bwd(
+            u, delta, z, b, c, a, dskip, bias, hs, dy.astype(u.dtype), dh_last,
+            **dict(static))
+        cast = lambda g, like: None if like is None else g.astype(like.dtype)
+        return (cast(du, u), cast(ddl, delta), cast(dz, z), cast(jnp.sum(db, 1), b),
+                cast(jnp.sum(dc, 1), c), cast(jnp.sum(da, 0), a),
+                cast(jnp.sum(dD, 0), dskip), cast(jnp.sum(dbias, 0), bias), cast(dh0, h0))
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
 
 
-def _core_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, static):
-    y, h_last, hs = kernel.scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, **dict(static))
-    return (y, h_last), (u, delta, z, bT, cT, aT, dskip, bias, hs, h0)
-
-
-def _core_bwd(static, res, cts):
-    u, delta, z, bT, cT, aT, dskip, bias, hs, h0 = res
-    dy, dh_last = cts
-    du, ddl, dz, dbT, dcT, daT, dD, dbias, dh0 = kernel.scan_bwd(
-        u, delta, z, bT, cT, aT, dskip, bias, hs, dy.astype(u.dtype), dh_last, **dict(static))
-    cast = lambda g, like: None if like is None else g.astype(like.dtype)
-    return (cast(du, u), cast(ddl, delta), cast(dz, z), cast(jnp.sum(dbT, 1), bT),
-            cast(jnp.sum(dcT, 1), cT), cast(jnp.sum(daT, 0), aT),
-            cast(jnp.sum(dD, 0), dskip), cast(jnp.sum(dbias, 0), bias), cast(dh0, h0))
-
-
-_core.defvjp(_core_fwd, _core_bwd)
+_core = make_core(kernel)
 
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -74,7 +76,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     bsz, length, d = u.shape
     n = A.shape[-1]
     block_l, lp, block_d, dp = tiles(length, d, n, block_l, block_d)
-    interpret = default_interpret() if interpret is None else interpret
+    interpret = tpu_kernel_interpret() if interpret is None else interpret
     pad_ld = lambda x: jnp.pad(x, ((0, 0), (0, lp - length), (0, dp - d)))
     pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dp - d)])
     transpose_bl = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, lp - length)))

@@ -18,14 +18,19 @@ fuse with their producers; the sums over D are batched matrix-vector products),
 and the state stays in cache. The decay exp(delta A) is the hot spot (evaluated
 three times per element: forward, recompute and reverse), so it is computed as
 2^x with a degree-5 polynomial (`_exp2`: exact at 0, relative error < 6e-7 for
-|delta A| < 10 and < 4e-6 down to 2^-126), about a third cheaper than XLA's exp.
+|delta A| < 10 and < 4e-6 down to 2^-126), about a third cheaper than XLA:CPU's exp.
+On TPU/GPU (where "auto" runs the Pallas kernels, but "xla" stays available) the
+decay is XLA's exp2 and the chunk length is set for memory, not cache (`chunk_size`).
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
+from jaxmix import cpu
 from jaxmix.ops.selective_scan import finish_output, prepare_delta
+from jaxmix.ops.vma import match_vma, unify_vma
 
 f32 = jnp.float32
 LOG2E = 1.4426950408889634
@@ -34,15 +39,33 @@ LOG2E = 1.4426950408889634
 # decay close to 1 carries no bias that would compound over long sequences.
 _EXP2_COEFFS = (1.0, 0.6931517124176025, 0.240159273147583, 0.05581867694854736,
                 0.008990994654595852, 0.001879318617284298)
-# A chunk's [B, T, N, D] buffers should stay cache resident; T is clipped to this range.
+# CPU: a chunk's [B, T, N, D] buffers should stay cache resident; T is clipped to this range.
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK, MAX_CHUNK = 4, 64
+# TPU/GPU: T ~ sqrt(L), clipped to this range (see chunk_size).
+ACCEL_MIN_CHUNK, ACCEL_MAX_CHUNK = 16, 256
 
 
-def chunk_size(bsz, d, n, length):
-    """Time steps per chunk: one fp32 [B, T, N, D] buffer fills CHUNK_BYTES."""
-    t = CHUNK_BYTES // max(1, 4 * bsz * d * n)
-    return int(max(1, min(length, max(MIN_CHUNK, min(MAX_CHUNK, t)))))
+def chunk_size(bsz, d, n, length, backend=None):
+    """Time steps per chunk on `backend` (default: JAX's default backend).
+
+    CPU: one fp32 [B, T, N, D] buffer fills CHUNK_BYTES, so a chunk's recomputed
+    states stay in cache. TPU/GPU: every time step is at least one kernel launch
+    whatever T is, and what T decides is memory: the forward saves L / T states and
+    the backward recomputes T, so T = sqrt(L) (a power of two) keeps both at about
+    sqrt(L) [B, N, D] states."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        t = CHUNK_BYTES // max(1, 4 * bsz * d * n)
+        return int(max(1, min(length, max(MIN_CHUNK, min(MAX_CHUNK, t)))))
+    t = 1 << max(0, round(math.log2(max(1, length)) / 2))
+    return int(max(1, min(length, max(ACCEL_MIN_CHUNK, min(ACCEL_MAX_CHUNK, t)))))
+
+
+def _decay(x):
+    """2^x: the polynomial `_exp2` on the CPU backend (measured faster there), XLA's
+    exp2 elsewhere."""
+    return _exp2(x) if cpu.on_cpu() else jnp.exp2(x)
 
 
 def _exp2(x):
@@ -84,7 +107,7 @@ def _bdot(x_BND, w_BD):
 
 def _step(h_BND, A2_ND, dl_BD, u_BD, b_BN):
     """h_t = exp(delta A) h_{t-1} + delta u B (A2 = A log2 e)."""
-    a_BND = _exp2(dl_BD[:, None, :] * A2_ND)
+    a_BND = _decay(dl_BD[:, None, :] * A2_ND)
     return a_BND * h_BND + (dl_BD * u_BD)[:, None, :] * b_BN[:, :, None]
 
 
@@ -105,8 +128,9 @@ def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk):
         h_BND, y_BLD = jax.lax.fori_loop(c * chunk, (c + 1) * chunk, step, (h_BND, y_BLD))
         return h_BND, y_BLD, hs_CBND
 
-    y0 = jnp.zeros(u_BLD.shape, f32)
-    hs0 = jnp.zeros((nc,) + h0_BND.shape, f32)
+    # Inside shard_map the carries vary like the inputs (see ops.vma).
+    y0, hs0 = match_vma((jnp.zeros(u_BLD.shape, f32), jnp.zeros((nc,) + h0_BND.shape, f32)),
+                        u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND)
     return jax.lax.fori_loop(0, nc, chunk_body, (h0_BND, y0, hs0))
 
 
@@ -146,7 +170,7 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
             prev = jnp.maximum(t, 1) - 1
             cdy_BND = _at(C_BLN, prev)[:, :, None] * (_at(dy_BLD, prev)
                                                       * (t > 0).astype(f32))[:, None, :]
-            return (_exp2(dl_BD[:, None, :] * A2_ND) * g_BND + cdy_BND,
+            return (_decay(dl_BD[:, None, :] * A2_ND) * g_BND + cdy_BND,
                     dA_BND + s_BND * dl_BD[:, None, :],
                     _put(du_BLD, t, du_BD), _put(ddl_BLD, t, ddl_BD),
                     _put(dB_BLN, t, _bdot(g_BND, dlu_BD)))
@@ -160,6 +184,8 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
     g_BND = dh_BND + _at(C_BLN, length - 1)[:, :, None] * _at(dy_BLD, length - 1)[:, None, :]
     carry = (g_BND, jnp.zeros_like(dh_BND), jnp.zeros((bsz, T, n, d), f32),
              zeros_BLD, zeros_BLD, zeros_BLN, zeros_BLN)
+    # Inside shard_map every carry varies like the data (see ops.vma).
+    carry = match_vma(carry, u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND)
     g_BND, dA_BND, _, du, ddl, dB, dC = jax.lax.fori_loop(0, nc, chunk_body, carry)
     return du, ddl, jnp.sum(dA_BND, axis=0), dB, dC, g_BND
 
@@ -198,7 +224,10 @@ def selective_scan_xla(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     pad = (-length) % chunk
     # Padded steps have delta = 0: a = 1 and no input, so the state passes through.
     padder = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, pad), (0, 0)))
-    y_BLD, h_BND = scan_core(padder(u), padder(dl_BLD), A.astype(f32).T, padder(B),
-                             padder(C), h0_BND, chunk)
+    # One varying type for scan_core's inputs inside shard_map (e.g. a replicated A next
+    # to a sharded u), so its cotangents match them; A's gradient is then psummed.
+    core_in = unify_vma(padder(u), padder(dl_BLD), A.astype(f32).T, padder(B), padder(C),
+                        h0_BND)
+    y_BLD, h_BND = scan_core(*core_in, chunk)
     out = finish_output(y_BLD[:, :length], u, D, z)
     return (out, jnp.swapaxes(h_BND, 1, 2)) if return_last_state else out

@@ -10,7 +10,8 @@ Everything is computed in fp32 and the output is cast back to u's dtype.
 import jax
 import jax.numpy as jnp
 
-from jaxmix.ops import _impl
+from jaxmix import cpu
+from jaxmix.ops import _impl, per_device
 
 
 # log1p(e) / e on [0, 1]: degree 8, fitted to the relative error (max 3e-8; 2e-7 with
@@ -57,8 +58,11 @@ def _softplus_bwd(y, g):
 softplus_f32.defvjp(_softplus_fwd, _softplus_bwd)
 
 
-def prepare_delta(delta_BLD, delta_bias_D, delta_softplus, softplus=softplus_f32):
-    """delta in fp32 after the optional bias and softplus."""
+def prepare_delta(delta_BLD, delta_bias_D, delta_softplus, softplus=None):
+    """delta in fp32 after the optional bias and softplus (by default `softplus_f32` on
+    the CPU backend, where it was measured faster, and jax.nn.softplus elsewhere)."""
+    if softplus is None:
+        softplus = softplus_f32 if cpu.on_cpu() else jax.nn.softplus
     delta_BLD = delta_BLD.astype(jnp.float32)
     if delta_bias_D is not None:
         delta_BLD = delta_BLD + delta_bias_D.astype(jnp.float32)
@@ -74,6 +78,19 @@ def finish_output(y_BLD, u_BLD, D_D, z_BLD):
     if z_BLD is not None:
         y_BLD = y_BLD * jax.nn.silu(z_BLD.astype(jnp.float32))
     return y_BLD.astype(u_BLD.dtype)
+
+
+def selective_state_update(state_BDN, u_BD, delta_BD, A, B_BN, C_BN, D=None, z_BD=None,
+                           delta_bias=None, delta_softplus=False):
+    """One time step of the scan (decoding): (y [B, D] in u's dtype, new state [B, D, N]
+    fp32). Plain jnp whatever the backend: a kernel launch padded to a tile for a single
+    step would cost far more than these few elementwise ops."""
+    dl_BD = prepare_delta(delta_BD, delta_bias, delta_softplus, softplus=jax.nn.softplus)
+    h_BDN = (jnp.exp(dl_BD[..., None] * A.astype(jnp.float32)) * state_BDN.astype(jnp.float32)
+             + (dl_BD * u_BD.astype(jnp.float32))[..., None]
+             * B_BN.astype(jnp.float32)[:, None, :])
+    y_BD = jnp.einsum("bdn,bn->bd", h_BDN, C_BN.astype(jnp.float32))
+    return finish_output(y_BD, u_BD, D, z_BD), h_BDN
 
 
 def check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
@@ -113,18 +130,63 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return (out, h_BDN) if return_last_state else out
 
 
+def _pallas_fn():
+    """The Pallas scan for the default backend: the Triton kernel on GPU, the Mosaic
+    kernel elsewhere (TPU interpret mode off TPU)."""
+    if jax.default_backend() == "gpu":
+        from jaxmix.ops.scan_pallas_gpu import selective_scan_pallas_gpu
+        return selective_scan_pallas_gpu
+    from jaxmix.ops.scan_pallas import selective_scan_pallas
+    return selective_scan_pallas
+
+
+def selective_scan_per_device(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                              delta_softplus=False, initial_state=None,
+                              return_last_state=False, fn=None):
+    """The Pallas scan run by every device on its shard (`per_device.per_device`):
+    batch over the mesh axes of the logical name "batch", channels over those of
+    "mlp" (the Mamba mixer's names for these dims); time is never split here (the
+    sequence-parallel scan splits it around this call)."""
+    fn = _pallas_fn() if fn is None else fn
+    b_ax = per_device.mesh_axes("batch", u.shape[0])
+    d_ax = per_device.mesh_axes("mlp", u.shape[2])
+    s = per_device.spec
+    bld, dn, d_, bdn = s(b_ax, (), d_ax), s(d_ax, ()), s(d_ax), s(b_ax, d_ax, ())
+    bln = s(b_ax)
+    opt = lambda x, sp: None if x is None else sp
+
+    def body(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                  delta_softplus=delta_softplus, initial_state=initial_state,
+                  return_last_state=return_last_state)
+
+    in_specs = (bld, bld, dn, bln, bln, opt(D, d_), opt(z, bld), opt(delta_bias, d_),
+                opt(initial_state, bdn))
+    out_specs = (bld, bdn) if return_last_state else bld
+    return per_device.per_device(body, in_specs, out_specs)(
+        u, delta, A, B, C, D, z, delta_bias, initial_state)
+
+
+def resolve_impl(impl):
+    """The implementation `selective_scan(impl=impl)` runs on the default backend
+    ("auto": the Pallas kernels on TPU and GPU, the chunked xla path on CPU)."""
+    return _impl.resolve(impl, "selective_scan", gpu="pallas")
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, initial_state=None, return_last_state=False,
                    impl="auto"):
-    """Selective scan (see module docstring). Returns y [B, L, D] (and h [B, D, N])."""
+    """Selective scan (see module docstring). Returns y [B, L, D] (and h [B, D, N]).
+
+    impl="pallas" runs the kernel per device under a mesh (see `per_device`)."""
     check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    impl = _impl.resolve(impl, "selective_scan")
+    impl = resolve_impl(impl)
     if impl == "reference":
         fn = selective_scan_reference
     elif impl == "xla":
         from jaxmix.ops.scan_xla import selective_scan_xla as fn
     else:
-        from jaxmix.ops.scan_pallas import selective_scan_pallas as fn
+        fn = selective_scan_per_device
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
               delta_softplus=delta_softplus, initial_state=initial_state,
               return_last_state=return_last_state)

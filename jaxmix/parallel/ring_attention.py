@@ -23,8 +23,8 @@ and lse only (per-device memory O(L/N)); K/V rotate again and their fp32 dK/dV
 accumulators travel with them, each hop adding `flash_backward` of the local
 queries, and one last hop brings every accumulator home. dQ stays local (fp32).
 
-Run the enclosing shard_map with `check_vma=False`: the blocked kernels' loop
-carries are not annotated with varying-manual-axes types.
+Runs under shard_map's default `check_vma=True` (and under `check_vma=False`): loop
+and cond carries are typed as varying like the data (`ops.vma.match_vma`).
 `sequence_parallel_attention` is the entry point for models: global arrays in, the
 shard_map over the ambient mesh's sequence axis done inside.
 """
@@ -39,6 +39,7 @@ from jax import lax
 from jaxmix import ops
 from jaxmix.ops.attention import split_segment_ids
 from jaxmix.ops.attention_xla import flash_backward, flash_forward, merge_partials
+from jaxmix.ops.vma import match_vma
 from jaxmix.parallel.zigzag import (check_layout, contiguous_to_zigzag, mesh_axis_size,
                                     shard_positions, zigzag_to_contiguous)
 
@@ -129,8 +130,8 @@ def _ring_forward(q, k, v, q_seg, kv_seg, pos, cfg):
         return (nxt, out, lse), None
 
     blk = (k, v, kv_seg, pos)
-    out = jnp.zeros_like(q, jnp.float32)
-    lse = jnp.full((b, hq, l), -jnp.inf, jnp.float32)
+    out, lse = match_vma((jnp.zeros(q.shape, jnp.float32),
+                          jnp.full((b, hq, l), -jnp.inf, jnp.float32)), q, blk)
     if n > 1:
         (blk, out, lse), _ = lax.scan(body, (blk, out, lse), None, length=n - 1)
     out, lse = hop(blk, out, lse)
@@ -159,8 +160,9 @@ def _ring_backward(q, k, v, q_seg, kv_seg, pos, out, lse, dout, cfg):
         return (nxt, dq, _rotate((dk, dv), cfg.axis_name)), None
 
     blk = (k, v, kv_seg, pos)
-    dq = jnp.zeros_like(q, jnp.float32)
-    dkv = (jnp.zeros_like(k, jnp.float32), jnp.zeros_like(v, jnp.float32))
+    dq, dkv = match_vma((jnp.zeros(q.shape, jnp.float32),
+                         (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))),
+                        q, blk, out, lse, dout)
     if n > 1:
         (blk, dq, dkv), _ = lax.scan(body, (blk, dq, dkv), None, length=n - 1)
     dq, dk, dv = hop(blk, dq, *dkv)
@@ -221,7 +223,7 @@ def ring_attention(q, k, v, *, axis_name="sequence", causal=False, segment_ids=N
     A query that sees no key outputs 0. Differentiable in q, k, v (ring backward).
     Each hop runs the kernel on `q_chunks` slices of the local queries in turn (auto:
     up to 8 slices of >= 1024 queries), bounding the kernels' own temporaries.
-    Call inside `jax.shard_map(..., check_vma=False)` over `axis_name`.
+    Call inside `jax.shard_map` over `axis_name` (check_vma either way).
     """
     check_layout(layout)
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[2] % k.shape[2]:
@@ -240,6 +242,9 @@ def ring_attention(q, k, v, *, axis_name="sequence", causal=False, segment_ids=N
     bq, bk = _block_sizes(layout, l, int(block_q), int(block_k))
     c = _n_chunks(l, q_chunks)
     cfg = RingCfg(axis_name, bool(causal), window, scale, bq, bk, l // c, c)
+    # One varying type for q, k, v (positions always vary over axis_name), so the ring
+    # backward's cotangents match them; a replicated input's gradient is then psummed.
+    q, k, v = match_vma((q, k, v), q, k, v, q_seg, kv_seg, positions)
     return _ring(q, k, v, q_seg, kv_seg, positions, cfg)
 
 
@@ -288,5 +293,5 @@ def sequence_parallel_attention(q_BLHD, k_BLKD, v_BLKD, *, causal=True, segment_
 
     spec = jax.sharding.PartitionSpec(None, axis_name)
     fn = jax.shard_map(body, in_specs=(spec, spec, spec, spec), out_specs=spec,
-                       axis_names={axis_name}, check_vma=False)
+                       axis_names={axis_name})
     return fn(q_BLHD, k_BLKD, v_BLKD, extras)

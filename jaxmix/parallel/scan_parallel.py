@@ -19,10 +19,13 @@ The gating by silu(z) is applied after the correction. Gradients are exact
 `conv_halo` gives each device the previous width-1 tokens of its left neighbour
 (zeros on device 0) for the causal depthwise conv1d.
 
-Inside shard_map use `selective_scan_shard` / `conv_halo` (with `check_vma=False`:
-the scan kernels' loop carries are not vma-annotated). From a jit'd model under
-`jax.set_mesh(mesh)` use `sequence_parallel_selective_scan` /
-`sequence_parallel_causal_conv`, which do the shard_map over `axis_name` only.
+Inside shard_map use `selective_scan_shard` / `conv_halo` / `causal_conv_shard`; they
+run under shard_map's default `check_vma=True` (values typed varying where needed, see
+`ops.vma`) and under `check_vma=False`, which a Pallas local scan needs. From a jit'd
+model under `jax.set_mesh(mesh)` use `sequence_parallel_selective_scan` /
+`sequence_parallel_causal_conv`: global arrays in, a shard_map manual over `axis_name`
+only inside; batch and channels keep their automatic (data/fsdp/tensor) sharding,
+which is correct since every channel's recurrence and conv are independent.
 """
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxmix import ops
-from jaxmix.ops.selective_scan import check_shapes, prepare_delta
+from jaxmix.ops.selective_scan import check_shapes, prepare_delta, resolve_impl
+from jaxmix.ops.vma import match_vma, unify_vma, vma
 from jaxmix.parallel.zigzag import mesh_axis_size
 
 
@@ -63,6 +67,7 @@ def _carry_in(C_BLN, S_BLD, A_DN, h_BDN):
 
     Walks time in blocks of T steps so only [B, T, D, N] is ever formed, forward
     and backward (a hand-written vjp: autodiff would keep [B, L, D, N] residuals).
+    Inside shard_map call it as `_carry_in_vma`.
     """
     t = _carry_block(S_BLD.shape, A_DN.shape[1])
 
@@ -105,6 +110,12 @@ def _carry_in_bwd(res, g_BLD):
 _carry_in.defvjp(_carry_in_fwd, _carry_in_bwd)
 
 
+def _carry_in_vma(C_BLN, S_BLD, A_DN, h_BDN):
+    """`_carry_in` with its inputs cast to one varying type (the replicated A next to
+    the sharded C, S, h): the bwd's cotangents then match them, dA is psummed."""
+    return _carry_in(*unify_vma(C_BLN, S_BLD, A_DN, h_BDN))
+
+
 def _fold(P_JBDN, h_JBDN, h0_BDN, upto):
     """State after the chunks j < upto (all of them when upto is None), from h0."""
     h = h0_BDN
@@ -126,16 +137,24 @@ def selective_scan_shard(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dl_BLD = prepare_delta(delta, delta_bias, delta_softplus)
     A_DN = A.astype(jnp.float32)
+    state_shape = (u.shape[0],) + A.shape
+    # Under check_vma the local scan starts from a zero state typed varying like the
+    # data (its loop carry); under check_vma=False (a Pallas scan) nothing varies.
+    zero_BDN = match_vma(jnp.zeros(state_shape, jnp.float32), u, dl_BLD, B, C)
     y_BLD, h_BDN = ops.selective_scan(u.astype(jnp.float32), dl_BLD, A_DN, B, C, D=D,
+                                      initial_state=zero_BDN if vma(zero_BDN) else None,
                                       return_last_state=True, impl=impl)
     S_BLD = jnp.cumsum(dl_BLD, axis=1)
     P_BDN = jnp.exp(S_BLD[:, -1, :, None] * A_DN)
-    P_all = lax.all_gather(P_BDN, axis_name)
-    h_all = lax.all_gather(h_BDN, axis_name)
-    h0_BDN = (jnp.zeros_like(h_BDN) if initial_state is None
+    # Checked: gather as invariant values, so the global last state (the same on every
+    # device) is typed replicated for out_specs P(); the transpose is then a slice.
+    to = "invarying" if axis_name in vma(h_BDN) else "varying"
+    P_all = lax.all_gather(P_BDN, axis_name, to=to)
+    h_all = lax.all_gather(h_BDN, axis_name, to=to)
+    h0_BDN = (jnp.zeros(state_shape, jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
     h_in_BDN = _fold(P_all, h_all, h0_BDN, lax.axis_index(axis_name))
-    y_BLD = y_BLD + _carry_in(C.astype(jnp.float32), S_BLD, A_DN, h_in_BDN)
+    y_BLD = y_BLD + _carry_in_vma(C.astype(jnp.float32), S_BLD, A_DN, h_in_BDN)
     if z is not None:
         y_BLD = y_BLD * jax.nn.silu(z.astype(jnp.float32))
     y_BLD = y_BLD.astype(u.dtype)
@@ -154,14 +173,23 @@ def conv_halo(x_BLD, width, axis_name="sequence"):
     return lax.ppermute(halo, axis_name, [(i, i + 1) for i in range(n - 1)])
 
 
-def causal_conv_shard(x_BLD, w_KD, bias_D, axis_name="sequence"):
-    """Depthwise causal conv y_t = sum_k w[k] x_{t-K+1+k} + bias on this device's shard."""
+def causal_conv(x_BLD, w_KD, bias_D=None, ctx_BKD=None):
+    """Depthwise causal conv y_t = sum_k w[k] x_{t-K+1+k} (+ bias) over [B, L, D], the
+    K-1 inputs before x_0 taken from `ctx_BKD` [B, K-1, D] (zeros when None)."""
     width, length = w_KD.shape[0], x_BLD.shape[1]
-    xp = x_BLD
-    if width > 1:
-        xp = jnp.concatenate([conv_halo(x_BLD, width, axis_name).astype(x_BLD.dtype), x_BLD], 1)
+    if ctx_BKD is None:
+        ctx_BKD = jnp.zeros((x_BLD.shape[0], width - 1, x_BLD.shape[2]), x_BLD.dtype)
+    xp = jnp.concatenate([ctx_BKD.astype(x_BLD.dtype), x_BLD], 1)
     y = sum(xp[:, i:i + length] * w_KD[i] for i in range(width))
     return y if bias_D is None else y + bias_D
+
+
+def causal_conv_shard(x_BLD, w_KD, bias_D, axis_name="sequence"):
+    """`causal_conv` of the whole sequence on this device's shard (the left context is
+    the neighbour's halo)."""
+    width = w_KD.shape[0]
+    ctx = conv_halo(x_BLD, width, axis_name) if width > 1 else None
+    return causal_conv(x_BLD, w_KD, bias_D, ctx)
 
 
 def _check_length(length, n, axis_name, what):
@@ -178,8 +206,9 @@ def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bi
 
     Same signature and result as `ops.selective_scan`; when the mesh set by
     `jax.set_mesh` has `axis_name` > 1 the length is split over it (only that axis
-    goes manual; batch and channels keep their automatic sharding). Otherwise it is
-    exactly `ops.selective_scan`.
+    goes manual; batch and channels, e.g. u [B, L, D] as P(("data", "fsdp"), "sequence",
+    "tensor"), keep their automatic sharding). Otherwise it is exactly
+    `ops.selective_scan`.
     """
     n = mesh_axis_size(axis_name)
     if n == 1:
@@ -203,33 +232,31 @@ def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bi
                                     axis_name=axis_name)
 
     out_specs = (seq, rep) if return_last_state else seq
+    # check_vma=False only around a Pallas local scan: jax 0.10 rejects a pallas_call
+    # (even interpret mode) inside a vma-checked shard_map.
     fn = jax.shard_map(body, in_specs=(seq, rep), out_specs=out_specs, axis_names={axis_name},
-                       check_vma=False)
+                       check_vma=resolve_impl(impl) != "pallas")
     return fn(sharded, replicated)
 
 
 def sequence_parallel_causal_conv(x_BLD, w_KD, bias_D=None, axis_name="sequence"):
     """Depthwise causal conv over global [B, L, D] with an explicit ppermute halo.
 
+    x [B, L, D], w [K, D], bias [D] (or None) -> y [B, L, D] with
+    y_t = sum_k w[k] x_{t-K+1+k} + bias (zeros before t = 0). Under a mesh with
+    `axis_name` > 1 a shard_map manual over `axis_name` only (check_vma=True) splits
+    the length; batch and channels keep their automatic sharding (e.g. D over
+    "tensor", w and bias alike). Otherwise the plain one-device conv.
     (Under plain jit the global-view conv is also correct: XLA's SPMD partitioner
     inserts its own halo exchange. This is the explicit, shard_map version.)
     """
     n = mesh_axis_size(axis_name)
     if n == 1:
-        return causal_conv_shard_local(x_BLD, w_KD, bias_D)
+        return causal_conv(x_BLD, w_KD, bias_D)
     _check_length(x_BLD.shape[1], n, axis_name, "sequence_parallel_causal_conv")
     seq, rep = P(None, axis_name), P()
     fn = jax.shard_map(lambda x, w, b: causal_conv_shard(x, w, b, axis_name),
-                       in_specs=(seq, rep, rep), out_specs=seq, axis_names={axis_name},
-                       check_vma=False)
+                       in_specs=(seq, rep, rep), out_specs=seq, axis_names={axis_name})
     if bias_D is None:
         bias_D = jnp.zeros(w_KD.shape[1:], x_BLD.dtype)
     return fn(x_BLD, w_KD, bias_D)
-
-
-def causal_conv_shard_local(x_BLD, w_KD, bias_D=None):
-    """The same conv on one device (zero left context)."""
-    width, length = w_KD.shape[0], x_BLD.shape[1]
-    xp = jnp.pad(x_BLD, ((0, 0), (width - 1, 0), (0, 0)))
-    y = sum(xp[:, i:i + length] * w_KD[i] for i in range(width))
-    return y if bias_D is None else y + bias_D

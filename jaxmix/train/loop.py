@@ -17,10 +17,14 @@ from jaxmix.train.step import bits_per_byte, make_eval_step, make_train_step
 log = logging.getLogger("jaxmix")
 
 
-def evaluate(eval_step, params, val_batches, to_global):
-    """Mean validation cross-entropy (nats per token) over the fixed validation batches."""
+def evaluate(eval_step, params, val_batches, to_global, batch_slices):
+    """Mean validation cross-entropy (nats per token) over the fixed validation batches.
+
+    Each process feeds one of `batch_slices` distinct slices of the global batch
+    (processes whose devices share batch rows, e.g. a sequence axis across hosts, feed
+    the same slice), so a global batch holds `batch_slices` local batches' tokens."""
     total = sum(float(eval_step(params, to_global(b))) for b in val_batches)
-    count = sum(b.shape[0] * (b.shape[1] - 1) for b in val_batches) * jax.process_count()
+    count = sum(b.shape[0] * (b.shape[1] - 1) for b in val_batches) * batch_slices
     return total / count
 
 
@@ -39,8 +43,9 @@ class Run:
         self.init_fn, self.shardings, self.abstract = state_lib.create(
             self.model, self.tx, self.mesh, self.rules, config.train.seq_len, config.train.seed)
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
-        part, parts = parallel.process_batch_slice(self.batch_sharding, config.train.batch_size)
-        self.data = data.build(config, process_index=part, process_count=parts)
+        part, self.batch_slices = parallel.process_batch_slice(self.batch_sharding,
+                                                                config.train.batch_size)
+        self.data = data.build(config, process_index=part, process_count=self.batch_slices)
         os.makedirs(workdir, exist_ok=True)
         self.ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  keep=config.train.keep_checkpoints)
@@ -121,7 +126,8 @@ def run(config, workdir):
                 writer.write(step, {**metrics, "tokens_per_sec": tok_s})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
             if step % t.eval_every == 0 or step == t.steps:
-                val = evaluate(r.eval_step, state.params, val_batches, r.to_global)
+                val = evaluate(r.eval_step, state.params, val_batches, r.to_global,
+                               r.batch_slices)
                 val_bpb = bits_per_byte(val)
                 writer.write(step, {"val_loss": val, "val_bpb": val_bpb})
                 bar.write(f"step {step}: validation loss {val:.4f} nats, {val_bpb:.3f} bits/byte")

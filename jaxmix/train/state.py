@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmix import parallel
 from jaxmix.errors import ConfigError
 
 

@@ -58,6 +58,16 @@ def data_parallel_axes(mesh, batch_sharding, param_shardings=()):
     return axes
 
 
+def flat_reduce_axes(mesh, batch_sharding, param_shardings, platform):
+    """The mesh axes over which the train step averages gradients with ONE flat
+    all-reduce (`flat_mean`): the pure data-parallel axes on a CPU mesh, else None. On
+    TPU/GPU the flat vector would copy every gradient and serialise the reduction after
+    the whole backward pass, where GSPMD's per-parameter all-reduces overlap with it."""
+    if platform != "cpu":
+        return None
+    return data_parallel_axes(mesh, batch_sharding, param_shardings)
+
+
 def flat_mean(tree, axes):
     """Inside a shard_map: the mean of `tree` over the mesh `axes`, taken as ONE
     all-reduce of all its leaves raveled into a flat vector."""
@@ -77,8 +87,9 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
     all-reduce GSPMD inserts: on a CPU host that is one rendezvous per step (the Mamba
     LM step on 2 CPU devices gains 2 to 4%), between CPU processes one gloo call. Models
     with aux losses keep the GSPMD step: their load-balancing terms are statistics of
-    the whole batch."""
-    dp_axes = data_parallel_axes(mesh, batch_sharding, state_shardings.params)
+    the whole batch. CPU meshes only (`flat_reduce_axes`)."""
+    dp_axes = flat_reduce_axes(mesh, batch_sharding, state_shardings.params,
+                               mesh.devices.flat[0].platform)
 
     def loss_and_grads(params, tokens):
         grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens), has_aux=True)
@@ -108,6 +119,7 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
                      compiler_options=cpu.compiler_options(list(mesh.devices.flat)))
     run = _in_context(mesh, rules, jitted)
     run.compile = _in_context(mesh, rules, lambda *args: jitted.lower(*args).compile())
+    run.trace = _in_context(mesh, rules, jitted.trace)
     return run
 
 

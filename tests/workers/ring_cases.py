@@ -8,9 +8,10 @@
   python tests/workers/ring_cases.py bf16                 -> bf16 ring vs plain bf16 errors
 A case: {"n": ring size, "causal": bool, "layout": "contiguous"|"zigzag", "hq": int,
 "hkv": int, "segments": bool, "masked_rows": bool (q and kv segment ids differ so
-some queries see no key), "q_chunks": kernel calls per hop, "window": sliding window
-(both optional)}. Each line reports the largest absolute error of the
-output and of dq, dk, dv against `ops.attention(impl="reference")`.
+some queries see no key), "q_chunks": kernel calls per hop, "window": sliding window,
+"check_vma": the shard_map's (default True; all optional)}. Each line reports the
+largest absolute error of the output and of dq, dk, dv against
+`ops.attention(impl="reference")`.
 """
 import json
 import os
@@ -58,7 +59,7 @@ def reference(q, k, v, dout, seg, causal, window=None):
     return o, grads
 
 
-def ring_fn(n, causal, layout, has_seg, q_chunks=None, window=None):
+def ring_fn(n, causal, layout, has_seg, q_chunks=None, window=None, check_vma=True):
     mesh = jax.make_mesh((n,), ("sequence",), axis_types=(AxisType.Auto,),
                          devices=jax.devices()[:n])
     spec = P(None, "sequence")
@@ -69,14 +70,14 @@ def ring_fn(n, causal, layout, has_seg, q_chunks=None, window=None):
                                        q_chunks=q_chunks, sliding_window=window)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
-                         check_vma=False)
+                         check_vma=check_vma)
 
 
 def run_ring(case, q, k, v, dout, seg):
     """Ring output and grads, in token order (zigzag applied and undone outside jit)."""
     n, layout = case["n"], case["layout"]
     fn = ring_fn(n, case["causal"], layout, seg is not None, case.get("q_chunks"),
-                 case.get("window"))
+                 case.get("window"), case.get("check_vma", True))
     zig = layout == "zigzag"
     z = (lambda x: np.asarray(parallel.to_zigzag(x, n))) if zig else np.asarray
     unz = (lambda x: np.asarray(parallel.from_zigzag(np.asarray(x), n))) if zig else np.asarray

@@ -1,11 +1,15 @@
 """Worker (8 simulated CPU devices): the sequence-parallel selective scan and conv halo.
 
   python tests/workers/scan_parallel_cases.py '{"cases": [{"mesh": [data, fsdp, tensor, seq],
-      "gate": bool, "init": bool}, ...]}'
+      "gate": bool, "init": bool, "impl": local scan impl (optional, "auto"; with
+      "pallas" the scan's shard_map is unchecked and each device's local scan runs the
+      kernel per device in a nested shard_map)}, ...]}'
 Each case runs `parallel.sequence_parallel_selective_scan` in a jit under
-`jax.set_mesh` and `ops.selective_scan(impl="reference")` on one device, and prints
-the relative errors (max |a - b| / max |b|) of y, the last state and every gradient,
-plus the error of `sequence_parallel_causal_conv` against the one-device conv.
+`jax.set_mesh` (batch over data/fsdp, length over sequence, channels D over tensor)
+and `ops.selective_scan(impl="reference")` on one device, and prints the relative
+errors (max |a - b| / max |b|) of y, the last state and every gradient; then the
+same for `sequence_parallel_causal_conv` (output and d_x, d_w, d_bias as conv,
+conv_d_x, ...) against the unsharded depthwise `lax.conv_general_dilated`.
   python tests/workers/scan_parallel_cases.py hlo  -> the all-gathers of the compiled scan
 """
 import json
@@ -54,6 +58,44 @@ def loss_of(scan, cts):
     return loss
 
 
+def conv_oracle(x_BLD, w_KD, bias_D):
+    """The unsharded depthwise causal conv: feature_group_count=D, left padding K-1."""
+    width, d = w_KD.shape
+    y = jax.lax.conv_general_dilated(x_BLD, w_KD.reshape(width, 1, d), window_strides=(1,),
+                                     padding=[(width - 1, 0)], feature_group_count=d,
+                                     dimension_numbers=("NWC", "WIO", "NWC"))
+    return y + bias_D
+
+
+def conv_grads(conv, ct_BLD):
+    def loss(x, w, bias):
+        y = conv(x, w, bias)
+        return jnp.sum(y * ct_BLD), y
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def check_conv(mesh, bld, width=4, seed=2):
+    """sequence_parallel_causal_conv (x over `bld`, w / bias over tensor) vs the oracle."""
+    rng = np.random.default_rng(seed)
+    x, ct = (jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal((width, D)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((D,)), jnp.float32)
+    (_, y_ref), g_ref = conv_grads(conv_oracle, ct)(x, w, bias)
+
+    def sp_conv(x, w, bias):
+        x = jax.lax.with_sharding_constraint(x, bld)
+        w = jax.lax.with_sharding_constraint(w, P(None, "tensor"))
+        bias = jax.lax.with_sharding_constraint(bias, P("tensor"))
+        return scan_parallel.sequence_parallel_causal_conv(x, w, bias)
+
+    with jax.set_mesh(mesh):
+        (_, y), g = conv_grads(sp_conv, ct)(x, w, bias)
+    row = {"conv": rel(y, y_ref)}
+    for name, a, b in zip(("x", "w", "bias"), g, g_ref):
+        row["conv_d_" + name] = rel(a, b)
+    return row
+
+
 def rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
@@ -66,22 +108,22 @@ def check(case):
     (_, (y_ref, h_ref)), g_ref = ref(args)
     mesh = jax.make_mesh(tuple(case["mesh"]), ("data", "fsdp", "tensor", "sequence"),
                          axis_types=(AxisType.Auto,) * 4)
-    batch = P(("data", "fsdp"), "sequence")
+    # As the Mamba mixer shards them: batch over data/fsdp, channels D over tensor.
+    bld, bln = P(("data", "fsdp"), "sequence", "tensor"), P(("data", "fsdp"), "sequence")
+    specs = {"u": bld, "delta": bld, "z": bld, "B": bln, "C": bln, "A": P("tensor"),
+             "D": P("tensor"), "delta_bias": P("tensor"),
+             "initial_state": P(("data", "fsdp"), "tensor")}
 
     def sp_scan(**a):
-        for k in ("u", "delta", "B", "C", "z"):
-            if k in a:
-                a[k] = jax.lax.with_sharding_constraint(a[k], batch)
-        return scan_parallel.sequence_parallel_selective_scan(**a)
+        a = {k: jax.lax.with_sharding_constraint(v, specs[k]) if k in specs else v
+             for k, v in a.items()}
+        return scan_parallel.sequence_parallel_selective_scan(**a,
+                                                              impl=case.get("impl", "auto"))
 
     with jax.set_mesh(mesh):
         fn = jax.jit(jax.value_and_grad(loss_of(sp_scan, cts), has_aux=True))
         (_, (y, h)), g = fn(args)
-        w = jnp.asarray(np.random.default_rng(1).standard_normal((4, D)), jnp.float32)
-        conv = jax.jit(lambda x, w: scan_parallel.sequence_parallel_causal_conv(x, w, w[0]))
-        conv_err = rel(conv(args["u"], w),
-                       scan_parallel.causal_conv_shard_local(args["u"], w, w[0]))
-    row = dict(case, y=rel(y, y_ref), h=rel(h, h_ref), conv=conv_err)
+    row = dict(case, y=rel(y, y_ref), h=rel(h, h_ref), **check_conv(mesh, bld))
     for k in g:
         row["d_" + k] = rel(g[k], g_ref[k])
     return row
