@@ -22,6 +22,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from conftest import devices_env  # noqa: E402
+
 FAMILIES = {"mamba_lm": "configs/mamba_lm.py", "transformer_lm": "configs/transformer_lm.py"}
 POD = {"mamba_lm": "2.8b", "transformer_lm": "llama-8b"}
 # (name, preset, devices, model.remat): the smoke model on one device, FSDP over 8
@@ -30,9 +32,7 @@ POD = {"mamba_lm": "2.8b", "transformer_lm": "llama-8b"}
 # params no longer negligible) over 8.
 CASES = [("1 device", "smoke", 1, True), ("fsdp=8", "smoke", 8, True),
          ("no remat", "smoke", 1, False), ("pod widths, fsdp=8", "pod", 8, True)]
-WORKER_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
-    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true")}
+WORKER_ENV = devices_env(8)
 
 
 def case_config(family, preset, remat):

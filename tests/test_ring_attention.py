@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, devices_env
 
-ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = devices_env(8)
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 
 # One case per (ring size, causal, layout); GQA and segment ids chosen so that every
@@ -80,7 +80,7 @@ def test_ring_matches_full_attention():
     assert_rows_exact(worker(json.dumps({"cases": cases})), cases)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_ring_matches_full_attention_every_combination():
     cases = full_product()
     assert_rows_exact(worker(json.dumps({"cases": cases})), cases)

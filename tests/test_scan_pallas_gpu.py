@@ -119,3 +119,20 @@ def test_gpu_kernel_memory_never_holds_BLDN():
 @pytest.mark.parametrize("bsz, length, d, n", GRID)
 def test_gpu_kernel_full_grid(bsz, length, d, n, use):
     check((bsz, length, d, n), use)
+
+
+def test_auto_picks_the_gpu_kernel_on_gpu(monkeypatch):
+    """impl="auto" is this kernel on GPU (the Mosaic kernel on TPU, xla on CPU), and the
+    xla path's chunk length follows the backend: cache-sized on CPU, ~sqrt(L) elsewhere."""
+    from jaxmix.ops.scan_pallas import selective_scan_pallas
+    from jaxmix.ops.scan_xla import chunk_size
+    from jaxmix.ops.selective_scan import _pallas_fn, resolve_impl
+    for backend, impl, fn in (("gpu", "pallas", selective_scan_pallas_gpu),
+                              ("tpu", "pallas", selective_scan_pallas),
+                              ("cpu", "xla", selective_scan_pallas)):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert resolve_impl("auto") == impl, backend
+        assert _pallas_fn() is fn, backend
+    assert chunk_size(16, 1536, 16, 65536, backend="gpu") == 256
+    assert chunk_size(16, 1536, 16, 1024, backend="tpu") == 32
+    assert chunk_size(1, 16, 4, 1000, backend="cpu") == 64

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT
+from conftest import ROOT, devices_env
 
-ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+ENV = devices_env(8)
 RTOL = 1e-5
 # (data, fsdp, tensor, sequence): sequence 8, 4 and 2, with batch and (tensor = 2)
 # channels sharded too; the local scan "xla" (auto on CPU), "reference" or "pallas".

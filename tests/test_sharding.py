@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import ROOT, devices_env, run_train
 
-EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+EIGHT, FOUR = devices_env(8), devices_env(4)
 MESHES = [[8, 1, 1], [2, 4, 1], [2, 2, 2], [1, 2, 4]]
 
 
@@ -93,15 +92,23 @@ SMOKE8 = ["--config", "configs/mamba_lm.py:smoke", "--config.train.batch_size=8"
 
 @pytest.mark.slow
 def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
-    two, one, cont = tmp_path / "two", tmp_path / "one", tmp_path / "one20"
-    results = run_two_processes(SMOKE8, two)
-    for rc, err in results:
-        assert rc == 0, err[-3000:]
+    """2 processes x 4 devices against 1 process x 8: data parallel across the processes,
+    and a (data 1, sequence 8) mesh whose sequence axis crosses them, so both processes
+    feed the same batch rows (its validation loss must not be divided by the process
+    count); then the data-parallel checkpoint resumes in 1 process under FSDP."""
+    two, seq, one, cont = (tmp_path / d for d in ("two", "seq", "one", "one20"))
+    for workdir, extra in ((two, []), (seq, ["--config.mesh.data=1",
+                                              "--config.mesh.sequence=8"])):
+        for rc, err in run_two_processes(SMOKE8 + extra, workdir):
+            assert rc == 0, err[-3000:]
     ref = run_train(SMOKE8 + ["--config.train.steps=20"], one, EIGHT)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    got, want = losses(two), losses(one)
-    assert sorted(got) == list(range(2, 11, 2))
-    assert_close([got[s] for s in sorted(got)], [want[s] for s in sorted(got)])
+    want, want_val = losses(one), losses(one, "val_loss")
+    for workdir in (two, seq):
+        got, got_val = losses(workdir), losses(workdir, "val_loss")
+        assert sorted(got) == list(range(2, 11, 2)) and sorted(got_val) == [5, 10]
+        assert_close([got[s] for s in sorted(got)], [want[s] for s in sorted(got)])
+        assert_close([got_val[s] for s in (5, 10)], [want_val[s] for s in (5, 10)])
     # The 2-process checkpoint (step 10, mesh data=8) continues in 1 process on fsdp=8.
     os.rename(two, cont)
     resumed = run_train(SMOKE8 + ["--config.train.steps=20", "--config.mesh.data=1",
@@ -110,23 +117,6 @@ def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
     assert "resumed from step 10" in resumed.stderr
     got = losses(cont)
     assert_close([got[s] for s in range(12, 21, 2)], [want[s] for s in range(12, 21, 2)])
-
-
-@pytest.mark.slow
-def test_two_processes_sharing_batch_rows_report_the_one_process_validation_loss(tmp_path):
-    """Mesh (data 1, sequence 8) over 2 processes x 4 devices: both processes feed the
-    same batch rows (the sequence axis crosses them), so the validation loss must not
-    be divided by the process count."""
-    args = ["--config", "configs/mamba_lm.py:smoke", "--config.mesh.data=1",
-            "--config.mesh.sequence=8", "--config.train.steps=5"]
-    for rc, err in run_two_processes(args, tmp_path / "two"):
-        assert rc == 0, err[-3000:]
-    ref = run_train(args, tmp_path / "one", EIGHT)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    got, want = losses(tmp_path / "two", "val_loss"), losses(tmp_path / "one", "val_loss")
-    assert sorted(got) == sorted(want) == [5]
-    assert_close([got[5]], [want[5]])
-    assert_close(list(losses(tmp_path / "two").values()), list(losses(tmp_path / "one").values()))
 
 
 def test_tensor_axis_must_divide_channels(tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_train, subprocess_env
 
 SMOKE = ["--config", "configs/mamba_lm.py:smoke"]
 
@@ -57,7 +57,7 @@ def test_resume_matches_uninterrupted(straight_run, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_resumes_from_last_checkpoint(straight_run, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = subprocess_env()  # as run_train's: the losses must match bit for bit
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(tmp_path), *SMOKE,
            "--config.train.steps=400", "--config.train.checkpoint_every=4"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
