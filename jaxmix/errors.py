@@ -1,4 +1,5 @@
 """User-facing errors: one line naming the field and the fix."""
+import sys
 
 
 class ConfigError(ValueError):
@@ -6,3 +7,14 @@ class ConfigError(ValueError):
 
     The CLI prints `error: <message>` on one line and exits with status 2.
     """
+
+
+def exit_status(body):
+    """Runs a command's `body()`: exit status 0, or 2 after one `error: ...` line on
+    stderr when it raises a ConfigError."""
+    try:
+        body()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

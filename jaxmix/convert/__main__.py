@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from jaxmix.errors import ConfigError
+from jaxmix.errors import exit_status
 
 
 def main(argv=None):
@@ -21,7 +21,8 @@ def main(argv=None):
     if a.to_hf and not a.workdir:
         p.error("--to-hf needs --workdir WORKDIR")
     from jaxmix import convert
-    try:
+
+    def body():
         if a.from_hf:
             config = convert.from_hf(a.from_hf, a.out)
             print(f"wrote {a.out} ({tuple(config.model.mixer_pattern)} x{config.model.n_layers}, "
@@ -30,11 +31,7 @@ def main(argv=None):
         else:
             convert.to_hf(a.workdir, a.to_hf)
             print(f"wrote {a.to_hf} (config.json, model.safetensors)")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return exit_status(body)
 
 if __name__ == "__main__":
     sys.exit(main())

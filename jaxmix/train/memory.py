@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxmix import config_files, models, parallel
-from jaxmix.errors import ConfigError
+from jaxmix.errors import ConfigError, exit_status
 from jaxmix.mixers.attention import head_shape
 from jaxmix.mixers.mamba import dt_rank_of
 from jaxmix.ops.attention_xla import BLOCK_K, BLOCK_Q
@@ -248,7 +248,8 @@ def main(argv=None):
     ap.add_argument("--config", help="path[:preset]; default: every pod preset")
     ap.add_argument("--chips", type=int, help="device count (with --config)")
     args = ap.parse_args(argv)
-    try:
+
+    def body():
         if args.chips and not args.config:
             raise ConfigError("--chips needs --config PATH:PRESET")
         if args.config:
@@ -258,11 +259,7 @@ def main(argv=None):
         else:
             rows = pod_presets()
         print(table(rows))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+    return exit_status(body)
 
 if __name__ == "__main__":
     sys.exit(main())
