@@ -1,13 +1,15 @@
-"""Data pipelines (grain): byte corpora packed into windows of seq_len + 1 tokens.
+"""Data pipelines (grain): byte corpora packed into windows of seq_len + 1 tokens, or
+synthetic recall tasks (`data.source = "synthetic:NAME"`, jaxmix.data.synthetic).
 
     from jaxmix import data
     pipe = data.build(config, process_index=0, process_count=1)
     batch = next(pipe.train_iter)      # int32 [batch_size // process_count, seq_len + 1]
-    pipe.val_batches()                 # list of train.eval_batches such arrays
+                                       # synthetic: {"tokens": that, "loss_mask": [.., seq_len]}
+    pipe.val_batches()                 # list of train.eval_batches such batches
     pipe.describe()                    # one line for the log
     it = pipe.seek(step)               # train iterator after `step` batches
 """
 from jaxmix.data.corpus import Corpus, load_corpus
-from jaxmix.data.pipeline import Pipeline, build
+from jaxmix.data.pipeline import Pipeline, SyntheticPipeline, build
 
-__all__ = ["Corpus", "Pipeline", "build", "load_corpus"]
+__all__ = ["Corpus", "Pipeline", "SyntheticPipeline", "build", "load_corpus"]

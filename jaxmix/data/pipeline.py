@@ -1,4 +1,5 @@
-"""Grain pipelines over a packed byte stream: train iterator and validation batches.
+"""Grain pipelines: packed byte streams, or synthetic task examples; train iterator
+and validation batches.
 
 Each split's token stream is cut into non-overlapping windows of
 `seq_len + 1` tokens (inputs plus the shifted target). Training walks a
@@ -8,6 +9,11 @@ epoch boundary, so every window is seen once per epoch), and each process
 gathers only its rows `[p*B/P, (p+1)*B/P)` of every global batch: the union
 over processes is exactly the single-process batch.
 
+Synthetic tasks (`data.source = "synthetic:NAME"`, see `jaxmix.data.synthetic`)
+make global batch `step` from (train.seed, step) alone, each process only its rows,
+and yield dicts {"tokens": [b, seq_len+1], "loss_mask": [b, seq_len]}: only the
+masked targets are scored.
+
 The train iterator's state is `{"next_index": step}` (global batches
 consumed), identical on every process, so `seek(step)` rebuilds it after the
 process count changed between save and restore.
@@ -15,6 +21,7 @@ process count changed between save and restore.
 import grain
 import numpy as np
 
+from jaxmix.data import synthetic
 from jaxmix.data.corpus import load_corpus
 from jaxmix.errors import ConfigError
 
@@ -45,7 +52,29 @@ class _GatherRows:
         return f"_GatherRows(rows=[{self.row_start}, {self.row_stop}))"
 
 
-class Pipeline:
+class StepPipeline:
+    """A train dataset indexed by step, iterated with background prefetch."""
+
+    def new_train_iter(self):
+        """A fresh train iterator positioned at step 0."""
+        read_options = grain.ReadOptions(num_threads=PREFETCH_THREADS,
+                                         prefetch_buffer_size=PREFETCH_BATCHES)
+        return iter(self.train_dataset.to_iter_dataset(read_options))
+
+    def seek(self, step):
+        """A new train iterator as if `step` batches had been consumed.
+
+        Also becomes `self.train_iter` (the previous iterator is left as is).
+        """
+        if step < 0:
+            raise ValueError(f"seek: step must be >= 0, got {step}")
+        it = self.new_train_iter()
+        it.set_state({"next_index": int(step)})
+        self.train_iter = it
+        return it
+
+
+class Pipeline(StepPipeline):
     """The data a training run consumes; built by `build(config, ...)`.
 
     Attributes:
@@ -53,7 +82,9 @@ class Pipeline:
         forever; checkpointable with get_state()/set_state() and
         `grain.checkpoint.CheckpointSave/CheckpointRestore`.
       local_batch, global_batch, seq_len, process_index, process_count, corpus.
+      is_text: True (byte text: validation is reported in bits per byte).
     """
+    is_text = True
 
     def __init__(self, corpus, *, seq_len, global_batch, eval_batches, seed,
                  shuffle, process_index, process_count):
@@ -83,24 +114,6 @@ class Pipeline:
         ds = ds.repeat()  # infinite; batches below may span an epoch boundary
         ds = ds.batch(self.global_batch, drop_remainder=True)
         return ds.map(_GatherRows(self.train_windows_NW, self._row_start, self._row_stop))
-
-    def new_train_iter(self):
-        """A fresh train iterator positioned at step 0."""
-        read_options = grain.ReadOptions(num_threads=PREFETCH_THREADS,
-                                         prefetch_buffer_size=PREFETCH_BATCHES)
-        return iter(self.train_dataset.to_iter_dataset(read_options))
-
-    def seek(self, step):
-        """A new train iterator as if `step` batches had been consumed.
-
-        Also becomes `self.train_iter` (the previous iterator is left as is).
-        """
-        if step < 0:
-            raise ValueError(f"seek: step must be >= 0, got {step}")
-        it = self.new_train_iter()
-        it.set_state({"next_index": int(step)})
-        self.train_iter = it
-        return it
 
     def val_batches(self):
         """`eval_batches` int32 arrays [local_batch, seq_len+1], same every call.
@@ -172,9 +185,74 @@ def _check_corpus(corpus, config):
             f"tokens; lower train.seq_len, raise data.val_fraction, or add data")
 
 
+class _MakeRows:
+    """Map fn: step -> this process's rows of the synthetic global batch `step`."""
+
+    def __init__(self, name, args, seq_len, seed, split, rows):
+        self.name, self.args, self.seq_len = name, args, seq_len
+        self.seed, self.split, self.rows = seed, split, rows
+
+    def __call__(self, step):
+        return synthetic.make_batch(self.name, self.args, self.seq_len, self.seed,
+                                    self.split, int(step), self.rows)
+
+    def __repr__(self):
+        return f"_MakeRows({self.name}, rows=[{self.rows.start}, {self.rows.stop}))"
+
+
+class SyntheticPipeline(StepPipeline):
+    """Fresh synthetic examples every step (see `jaxmix.data.synthetic`); the same
+    interface as `Pipeline`, with dict batches that carry a loss mask."""
+    is_text = False
+    STEPS = 2**62  # "infinite": batches are made on demand from (seed, step)
+
+    def __init__(self, config, *, process_index, process_count):
+        self.name = synthetic.task_name(config)
+        self.seq_len = config.train.seq_len
+        self.global_batch = config.train.batch_size
+        self.local_batch = self.global_batch // process_count
+        self.eval_batches = config.train.eval_batches
+        self.seed = int(config.train.seed)
+        self.process_index, self.process_count = process_index, process_count
+        start = process_index * self.local_batch
+        self.rows = range(start, start + self.local_batch)
+        self.args = synthetic.task_args(config, "train")
+        self._val_args = synthetic.task_args(config, "val")
+        self.train_dataset = grain.MapDataset.range(self.STEPS).map(
+            _MakeRows(self.name, self.args, self.seq_len, self.seed, "train", self.rows))
+        self.train_iter = self.new_train_iter()
+        self._val_cache = None
+
+    def val_batches(self):
+        """`eval_batches` fixed batches from the validation stream (another seed
+        stream; passkey filler from the corpus's validation split)."""
+        if self._val_cache is None:
+            self._val_cache = [synthetic.make_batch(self.name, self._val_args, self.seq_len,
+                                                    self.seed, "val", k, self.rows)
+                               for k in range(self.eval_batches)]
+        return list(self._val_cache)
+
+    def describe(self):
+        settings = {k: v for k, v in self.args.items() if k != "filler_u8"}
+        scored = int(self.val_batches()[0]["loss_mask"].sum()) if self.eval_batches else 0
+        return (f"synthetic task {self.name} {settings}: fresh examples of "
+                f"{self.seq_len + 1} tokens each step, batch {self.global_batch} = "
+                f"{self.process_count} x {self.local_batch}; {scored} scored targets "
+                f"in the first validation batch")
+
+
 def build(config, process_index=0, process_count=1):
     """Build the data pipeline for one process from `config.data` and `config.train`."""
     _check_shapes(config, process_index, process_count)
+    source = config.data.source
+    if isinstance(source, str) and source.startswith("synthetic:"):
+        if "synthetic" not in config.data:
+            raise ConfigError("data.synthetic: missing; synthetic sources take their "
+                              "settings from it (see configs/synthetic.py)")
+        synthetic.check(synthetic.task_name(config), synthetic.task_args(config),
+                        config.train.seq_len)
+        return SyntheticPipeline(config, process_index=process_index,
+                                 process_count=process_count)
     corpus = load_corpus(config.data.source, float(config.data.val_fraction))
     _check_corpus(corpus, config)
     return Pipeline(corpus, seq_len=config.train.seq_len,

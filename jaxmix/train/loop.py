@@ -17,15 +17,12 @@ from jaxmix.train.step import bits_per_byte, make_eval_step, make_train_step
 log = logging.getLogger("jaxmix")
 
 
-def evaluate(eval_step, params, val_batches, to_global, batch_slices):
-    """Mean validation cross-entropy (nats per token) over the fixed validation batches.
-
-    Each process feeds one of `batch_slices` distinct slices of the global batch
-    (processes whose devices share batch rows, e.g. a sequence axis across hosts, feed
-    the same slice), so a global batch holds `batch_slices` local batches' tokens."""
-    total = sum(float(eval_step(params, to_global(b))) for b in val_batches)
-    count = sum(b.shape[0] * (b.shape[1] - 1) for b in val_batches) * batch_slices
-    return total / count
+def evaluate(eval_step, params, val_batches, to_global):
+    """(mean validation cross-entropy in nats per scored target, accuracy of the argmax
+    prediction on them) over the fixed validation batches."""
+    nats, count, correct = np.sum([np.asarray(eval_step(params, to_global(b)))
+                                   for b in val_batches], axis=0)
+    return float(nats / count), float(correct / count)
 
 
 class Run:
@@ -58,8 +55,9 @@ class Run:
                                         self.shardings.params, self.batch_sharding)
 
     def to_global(self, local_batch):
-        return jax.make_array_from_process_local_data(self.batch_sharding,
-                                                      np.asarray(local_batch, np.int32))
+        """A global batch (array or dict of arrays) from this process's rows."""
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            self.batch_sharding, np.asarray(x)), local_batch)
 
     def initial_state(self):
         """(state, data iterator, start step): fresh, or restored from the latest checkpoint."""
@@ -84,7 +82,7 @@ class Run:
 
     def print_sample(self, params, prompt="def ", n_tokens=120):
         """A short sample at the end of a run (byte-level models, process 0)."""
-        if not self.is_main or self.config.model.vocab_size != 256:
+        if not self.is_main or self.config.model.vocab_size != 256 or not self.data.is_text:
             return
         from jaxmix.generate import sample_text
         text = sample_text(self.model, params, prompt, n_tokens, temperature=0.8,
@@ -93,7 +91,8 @@ class Run:
 
 
 def run(config, workdir):
-    """Trains `config` in `workdir`; returns the last validation loss in bits per byte."""
+    """Trains `config` in `workdir`; returns the last validation metrics: val_loss
+    (nats per scored target), val_acc, and val_bpb for byte text."""
     r = Run(config, workdir)
     t = config.train
     n_params = state_lib.param_count(r.abstract)
@@ -103,7 +102,7 @@ def run(config, workdir):
     writer = MetricsWriter(workdir, resume_step=start)
     val_batches = r.data.val_batches()
     tokens_per_step = t.batch_size * t.seq_len
-    val_bpb = None
+    val_metrics = {}
     try:
         batch = r.to_global(next(it))
         t0 = time.perf_counter()
@@ -126,11 +125,16 @@ def run(config, workdir):
                 writer.write(step, {**metrics, "tokens_per_sec": tok_s})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
             if step % t.eval_every == 0 or step == t.steps:
-                val = evaluate(r.eval_step, state.params, val_batches, r.to_global,
-                               r.batch_slices)
-                val_bpb = bits_per_byte(val)
-                writer.write(step, {"val_loss": val, "val_bpb": val_bpb})
-                bar.write(f"step {step}: validation loss {val:.4f} nats, {val_bpb:.3f} bits/byte")
+                val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
+                val_metrics = {"val_loss": val, "val_acc": acc}
+                if r.data.is_text:
+                    val_metrics["val_bpb"] = bits_per_byte(val)
+                    bar.write(f"step {step}: validation loss {val:.4f} nats, "
+                              f"{val_metrics['val_bpb']:.3f} bits/byte")
+                else:
+                    bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
+                              f"{100 * acc:.2f}% on the scored targets")
+                writer.write(step, val_metrics)
                 last_time = time.perf_counter()  # eval time is not training throughput
             if step % t.checkpoint_every == 0 or step == t.steps:
                 r.ckpt.save(step, state, it)
@@ -141,4 +145,4 @@ def run(config, workdir):
     plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
     if config.get("sample_at_end", True):
         r.print_sample(state.params)
-    return val_bpb
+    return val_metrics

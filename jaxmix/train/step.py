@@ -12,19 +12,48 @@ from jaxmix import cpu
 from jaxmix.train.state import TrainState
 
 
-def loss_terms(model, params, tokens_BL1):
-    """(mean next-token cross-entropy in nats, aux dict) for a [B, L+1] batch."""
+def split_batch(batch):
+    """(tokens [B, L+1], loss mask [B, L] or None) of a batch: an int array (every
+    target scored) or a dict {"tokens", "loss_mask"} (only the masked targets)."""
+    if isinstance(batch, dict):
+        return batch["tokens"], batch.get("loss_mask")
+    return batch, None
+
+
+def scored_terms(model, params, batch):
+    """(cross-entropy [B, L] in nats, mask [B, L] or None, logits, aux) of a batch."""
+    tokens_BL1, mask_BL = split_batch(batch)
     inputs, targets = tokens_BL1[:, :-1], tokens_BL1[:, 1:]
     logits, aux = model.apply({"params": params}, inputs)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.mean(ce), aux
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return ce_BL, mask_BL, logits, aux
 
 
-def total_loss(model, params, tokens_BL1):
+def loss_terms(model, params, batch, n_scored=None):
+    """(mean cross-entropy in nats over the scored targets, aux dict). `n_scored`
+    overrides the count the sum is divided by (per-device shards of one batch)."""
+    ce_BL, mask_BL, _, aux = scored_terms(model, params, batch)
+    if mask_BL is None:
+        return jnp.mean(ce_BL), aux
+    n_scored = jnp.maximum(jnp.sum(mask_BL), 1.0) if n_scored is None else n_scored
+    return jnp.sum(ce_BL * mask_BL) / n_scored, aux
+
+
+def total_loss(model, params, batch, n_scored=None):
     """Loss to minimise: cross-entropy plus every aux entry whose key ends in 'loss'."""
-    ce, aux = loss_terms(model, params, tokens_BL1)
+    ce, aux = loss_terms(model, params, batch, n_scored)
     extra = sum((v for k, v in aux.items() if k.endswith("loss")), 0.0)
     return ce + extra, (ce, aux)
+
+
+def mean_scored_per_shard(batch, axes):
+    """Inside a shard_map over the batch `axes`: the mean over shards of the scored
+    target count (None without a mask). Each shard's loss sum divided by it, averaged
+    over shards, is the masked mean of the whole batch."""
+    _, mask_BL = split_batch(batch)
+    if mask_BL is None:
+        return None
+    return jax.lax.psum(jnp.sum(mask_BL), axes) / jax.lax.psum(1, axes)
 
 
 def _replicated(mesh):
@@ -91,14 +120,16 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
     dp_axes = flat_reduce_axes(mesh, batch_sharding, state_shardings.params,
                                mesh.devices.flat[0].platform)
 
-    def loss_and_grads(params, tokens):
-        grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens), has_aux=True)
+    def loss_and_grads(params, tokens, n_scored=None):
+        grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens, n_scored),
+                                     has_aux=True)
         (_, (ce, aux)), grads = grad_fn(params)
         return ce, aux, grads
 
     def grads_local(params, tokens):  # one device's shard of the batch
         with nn.logical_axis_rules(()):  # per-device code: no activation constraints
-            return flat_mean(loss_and_grads(params, tokens), dp_axes)
+            n_scored = mean_scored_per_shard(tokens, dp_axes)
+            return flat_mean(loss_and_grads(params, tokens, n_scored), dp_axes)
 
     def step_fn(state: TrainState, tokens):
         if dp_axes and not _has_aux_losses(model, state.params, tokens):
@@ -124,10 +155,16 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
 
 
 def make_eval_step(model, mesh, rules, param_shardings, batch_sharding):
-    """Returns a function params, tokens -> summed nats over the batch's targets."""
-    def eval_fn(params, tokens):
-        ce, _ = loss_terms(model, params, tokens)
-        return ce * (tokens.shape[0] * (tokens.shape[1] - 1))
+    """Returns a function params, batch -> [summed nats, scored targets, correct
+    argmax predictions] over the batch's scored targets (all targets without a mask)."""
+    def eval_fn(params, batch):
+        ce_BL, mask_BL, logits, _ = scored_terms(model, params, batch)
+        tokens_BL1, _ = split_batch(batch)
+        mask_BL = jnp.ones_like(ce_BL) if mask_BL is None else mask_BL
+        vocab = model.cfg.vocab_size
+        hit_BL = jnp.argmax(logits[..., :vocab], axis=-1) == tokens_BL1[:, 1:]
+        return jnp.stack([jnp.sum(ce_BL * mask_BL), jnp.sum(mask_BL),
+                          jnp.sum(hit_BL * mask_BL)])
 
     jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
                      out_shardings=_replicated(mesh),
