@@ -30,6 +30,7 @@ across lengths.
 import ml_collections
 
 from jaxmix import config_files
+from jaxmix.data import synthetic
 
 TASKS = ("induction", "selective_copy", "mqar", "passkey")
 MIXERS = ("mamba", "attention")
@@ -43,8 +44,7 @@ def base_config():
                    learning_rate=3e-3, warmup_steps=100, min_lr_ratio=1.0, weight_decay=0.0,
                    log_every=50, eval_every=500, eval_batches=4, checkpoint_every=500)
     c.data.source = "synthetic:induction"
-    c.data.synthetic = ml_collections.ConfigDict(dict(
-        n_copy=16, n_pairs=16, power_a=0.01, n_keys=2, n_words=3))
+    c.data.synthetic = ml_collections.ConfigDict(synthetic.DEFAULTS)
     c.sample_at_end = False
     return c
 

@@ -33,6 +33,7 @@ import numpy as np
 from jaxmix import models
 from jaxmix.data import synthetic
 from jaxmix.errors import ConfigError, exit_status
+from jaxmix.train.step import scored_hits
 
 GIB = 2**30
 
@@ -73,28 +74,25 @@ def is_recurrent(cfg):
     return all(kind == "mamba" for kind in models.layer_kinds(cfg))
 
 
-def _scores(logits, targets, mask, vocab):
-    """Per example: (scored targets predicted right, scored targets)."""
-    hit = (jnp.argmax(logits[..., :vocab], axis=-1) == targets) * mask
-    return jnp.sum(hit, axis=1), jnp.sum(mask, axis=1)
-
-
 class Scorer:
-    """Jit'd scoring of one model: chunked recurrent or one full forward pass."""
+    """Jit'd scoring of one model: chunked recurrent or one full forward pass. Each
+    (path, batch, length) is compiled once; the memory check reads the same
+    executable that then runs."""
 
     def __init__(self, model, params, chunk):
         self.model, self.params, self.chunk = model, params, chunk
         self.recurrent = is_recurrent(model.cfg)
+        self._executables = {}
         vocab = model.cfg.vocab_size
 
         def chunk_fn(params, cache, inputs, targets, mask):
             logits, _, cache = model.apply({"params": params}, inputs, decode=True,
                                            cache=cache)
-            return cache, _scores(logits, targets, mask, vocab)
+            return cache, scored_hits(logits, targets, mask, vocab, axis=1)
 
         def full_fn(params, inputs, targets, mask):
             logits, _ = model.apply({"params": params}, inputs)
-            return _scores(logits, targets, mask, vocab)
+            return scored_hits(logits, targets, mask, vocab, axis=1)
 
         self.chunk_fn = jax.jit(chunk_fn)
         self.full_fn = jax.jit(full_fn)
@@ -103,36 +101,46 @@ class Scorer:
         i32 = jax.ShapeDtypeStruct((batch, length), jnp.int32)
         return i32, i32, jax.ShapeDtypeStruct((batch, length), jnp.float32)
 
+    def _zero_cache(self, batch):
+        """The decode cache before the first token: zeros, as the mixers start."""
+        shapes = jax.eval_shape(self.chunk_fn, self.params, None, *self._avals(batch, 1))[0]
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    def _executable(self, batch, length):
+        """The compiled pass over [batch, length] tokens (a chunk on the recurrent path)."""
+        key = (self.recurrent, batch, length)
+        if key not in self._executables:
+            if self.recurrent:
+                lowered = self.chunk_fn.lower(self.params, self._zero_cache(batch),
+                                              *self._avals(batch, length))
+            else:
+                lowered = self.full_fn.lower(self.params, *self._avals(batch, length))
+            self._executables[key] = lowered.compile()
+        return self._executables[key]
+
     def memory_bytes(self, batch, length):
         """XLA's estimate of the compiled pass's memory (arguments, outputs, temps)."""
-        if self.recurrent:
-            cache = self._first_cache(batch)
-            compiled = self.chunk_fn.lower(self.params, cache,
-                                           *self._avals(batch, min(length, self.chunk))).compile()
-        else:
-            compiled = self.full_fn.lower(self.params, *self._avals(batch, length)).compile()
-        m = compiled.memory_analysis()
+        step = min(length, self.chunk) if self.recurrent else length
+        m = self._executable(batch, step).memory_analysis()
         if m is None:
             return 0
         return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                 - m.alias_size_in_bytes)
 
-    def _first_cache(self, batch):
-        """The decode cache after a first chunk (its shape, for compiling)."""
-        avals = self._avals(batch, 1)
-        return jax.eval_shape(self.chunk_fn, self.params, None, *avals)[0]
-
     def __call__(self, tokens_BL1, mask_BL):
         """(hits [B], counts [B]) of one batch."""
         inputs, targets = tokens_BL1[:, :-1], tokens_BL1[:, 1:]
+        batch, length = inputs.shape
         if not self.recurrent:
-            hits, counts = self.full_fn(self.params, inputs, targets, mask_BL)
+            hits, counts = self._executable(batch, length)(self.params, inputs, targets,
+                                                           mask_BL)
             return np.asarray(hits), np.asarray(counts)
-        cache, hits, counts = None, 0, 0
-        for start in range(0, inputs.shape[1], self.chunk):
+        cache, hits, counts = self._zero_cache(batch), 0, 0
+        for start in range(0, length, self.chunk):
             part = slice(start, start + self.chunk)
-            cache, (h, c) = self.chunk_fn(self.params, cache, inputs[:, part],
-                                          targets[:, part], mask_BL[:, part])
+            run = self._executable(batch, inputs[:, part].shape[1])
+            cache, (h, c) = run(self.params, cache, inputs[:, part], targets[:, part],
+                                mask_BL[:, part])
             hits, counts = hits + np.asarray(h), counts + np.asarray(c)
         return hits, counts
 
@@ -194,11 +202,10 @@ def load(workdir):
 
 
 def task_settings(config, task):
-    """The task's settings from the workdir's config (data.synthetic), with defaults
-    from configs/synthetic.py for a workdir trained on something else."""
+    """The task's settings from the workdir's config (data.synthetic), with the
+    defaults (synthetic.DEFAULTS) for a workdir trained on something else."""
     from ml_collections import ConfigDict
-    settings = dict(n_copy=16, n_pairs=16, power_a=0.01, n_keys=2, n_words=3)
-    settings.update(config.data.get("synthetic", ConfigDict()).to_dict())
+    settings = {**synthetic.DEFAULTS, **config.data.get("synthetic", ConfigDict()).to_dict()}
     probe = ConfigDict({"data": {"source": f"synthetic:{task}", "synthetic": settings},
                         "model": {"vocab_size": config.model.vocab_size}})
     return probe

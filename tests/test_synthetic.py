@@ -22,8 +22,7 @@ import synthetic as synthetic_configs  # configs/synthetic.py (conftest puts con
 
 
 def settings(vocab, **kw):
-    base = dict(n_copy=16, n_pairs=16, power_a=0.01, n_keys=2, n_words=3)
-    base.update(kw)
+    base = {**synthetic.DEFAULTS, **kw}
     return synthetic.TaskArgs(base, vocab_size=vocab)
 
 

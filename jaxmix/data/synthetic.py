@@ -34,6 +34,8 @@ NATO = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"
         "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray",
         "yankee", "zulu")
 DEPTH_RANGE = (0.05, 0.95)  # passkey needles' depths, as fractions of the filler
+# The tasks' settings (config.data.synthetic), as configs/synthetic.py starts them.
+DEFAULTS = dict(n_copy=16, n_pairs=16, power_a=0.01, n_keys=2, n_words=3)
 
 
 def rng_for(seed, split, step, row):
@@ -91,9 +93,9 @@ def mqar(rng, seq_len, args):
     return tokens, mask
 
 
-def _passkey_parts(rng, n_keys, n_words):
-    """(needle byte strings, question bytes, answer spans within the question)."""
-    words = [rng.choice(len(NATO), n_words) for _ in range(n_keys)]
+def _passkey_parts(words):
+    """(needle byte strings, question bytes, answer spans within the question) for
+    passkeys given as NATO word indices, one row per key."""
     phrases = [" ".join(NATO[w] for w in ws) for ws in words]
     needles = [f" The pass key {i + 1} is {p}. ".encode() for i, p in enumerate(phrases)]
     question, spans = b"\nWhat are the pass keys?", []
@@ -106,23 +108,14 @@ def _passkey_parts(rng, n_keys, n_words):
 
 def passkey_overhead(n_keys, n_words):
     """The most bytes the needles and the question can take (the longest words)."""
-    longest = max(NATO, key=len)
-    needles, question, _ = _passkey_parts(_Longest(longest), n_keys, n_words)
+    longest = NATO.index(max(NATO, key=len))
+    needles, question, _ = _passkey_parts(np.full((n_keys, n_words), longest))
     return sum(map(len, needles)) + len(question)
 
 
-class _Longest:
-    """Stands in for a generator that always draws the longest NATO word."""
-
-    def __init__(self, word):
-        self.index = NATO.index(word)
-
-    def choice(self, n, size):
-        return np.full(size, self.index)
-
-
 def passkey(rng, seq_len, args):
-    needles, question, spans = _passkey_parts(rng, args.n_keys, args.n_words)
+    needles, question, spans = _passkey_parts(rng.choice(len(NATO), (args.n_keys,
+                                                                     args.n_words)))
     n_filler = seq_len + 1 - sum(map(len, needles)) - len(question)
     filler_u8 = args.filler_u8
     start = rng.integers(0, len(filler_u8) - n_filler)

@@ -46,6 +46,13 @@ def total_loss(model, params, batch, n_scored=None):
     return ce + extra, (ce, aux)
 
 
+def scored_hits(logits, targets, mask, vocab, axis=None):
+    """(argmax predictions over the real vocabulary equal to the targets, scored
+    targets), both counted where `mask` is 1 and summed over `axis` (None: all)."""
+    hit = (jnp.argmax(logits[..., :vocab], axis=-1) == targets) * mask
+    return jnp.sum(hit, axis=axis), jnp.sum(mask, axis=axis)
+
+
 def mean_scored_per_shard(batch, axes):
     """Inside a shard_map over the batch `axes`: the mean over shards of the scored
     target count (None without a mask). Each shard's loss sum divided by it, averaged
@@ -161,10 +168,8 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding):
         ce_BL, mask_BL, logits, _ = scored_terms(model, params, batch)
         tokens_BL1, _ = split_batch(batch)
         mask_BL = jnp.ones_like(ce_BL) if mask_BL is None else mask_BL
-        vocab = model.cfg.vocab_size
-        hit_BL = jnp.argmax(logits[..., :vocab], axis=-1) == tokens_BL1[:, 1:]
-        return jnp.stack([jnp.sum(ce_BL * mask_BL), jnp.sum(mask_BL),
-                          jnp.sum(hit_BL * mask_BL)])
+        correct, count = scored_hits(logits, tokens_BL1[:, 1:], mask_BL, model.cfg.vocab_size)
+        return jnp.stack([jnp.sum(ce_BL * mask_BL), count, correct])
 
     jitted = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
                      out_shardings=_replicated(mesh),
