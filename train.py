@@ -95,6 +95,11 @@ def _unknown_override(argv):
         path = arg[len("--config."):].split("=", 1)[0]
         node, parts = config, path.split(".")
         for i, part in enumerate(parts):
+            moved = [n for n, e in node.get("mixers", {}).items() if part in e] \
+                if i == 1 and parts[0] == "model" and part not in node.keys() else []
+            if moved:
+                return (f"--config.{path}: mixer fields moved to model.mixers.<entry>; use "
+                        + " or ".join(f"--config.model.mixers.{n}.{part}" for n in moved))
             if not hasattr(node, "keys") or part not in node.keys():
                 where = ".".join(parts[:i]) or "the config"
                 known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""

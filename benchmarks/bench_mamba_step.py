@@ -116,8 +116,8 @@ def matmul_rate(n=1024, iters=20):
 
 def model_config(args):
     cfg = get_config("default").model
-    cfg.update(d_model=args.d_model, n_layers=args.n_layers, vocab_size=args.vocab,
-               scan_impl=args.impl)
+    cfg.update(d_model=args.d_model, n_layers=args.n_layers, vocab_size=args.vocab)
+    cfg.mixers.mamba.scan_impl = args.impl
     return cfg
 
 
@@ -310,8 +310,9 @@ def machine_matmul_rate(best_rates):
 def measure(args):
     """Point 3: matmul rate, the jaxmix step and the naive step, interleaved."""
     cfg, model, tokens, params, n_params, tx = build(args)
-    d_inner = cfg.expand * cfg.d_model
-    scan_elems = args.batch * args.seq_len * d_inner * cfg.d_state * cfg.n_layers
+    mamba = cfg.mixers.mamba
+    d_inner = mamba.expand * cfg.d_model
+    scan_elems = args.batch * args.seq_len * d_inner * mamba.d_state * cfg.n_layers
     flops = 6 * n_params * tokens.size + SCAN_FLOPS_PER_ELEM * scan_elems
     emit(bench="model", params=n_params, tokens_per_step=tokens.size,
          flops_6nt=6 * n_params * tokens.size, flops_scan=SCAN_FLOPS_PER_ELEM * scan_elems)

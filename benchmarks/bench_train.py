@@ -60,7 +60,7 @@ def main():
     results = {}
     for impl in (args.baseline, "auto"):
         config = load_config(args.config)
-        config.model.scan_impl = impl
+        config.model.mixers.mamba.scan_impl = impl
         with tempfile.TemporaryDirectory() as workdir:
             tps, sec = tokens_per_sec(config, args.steps, args.warmup, workdir)
         results[impl] = tps

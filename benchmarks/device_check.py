@@ -333,7 +333,9 @@ def train_step(size):
     m = config.model
     n_params = state_lib.param_count(r.abstract)
     tokens = batch * seq_len
-    flops_scan = SCAN_FLOPS_PER_ELEM * tokens * m.expand * m.d_model * m.d_state * m.n_layers
+    mamba = m.mixers.mamba
+    flops_scan = (SCAN_FLOPS_PER_ELEM * tokens * mamba.expand * m.d_model * mamba.d_state
+                  * m.n_layers)
     flops = 6 * n_params * tokens + flops_scan
     sec = statistics.median(times)
     peak, source = peak_flops()

@@ -28,7 +28,7 @@ def naive_forward(params, tokens_BL, cfg):
     p = params["params"]
     emb = p["embed"]["embedding"]
     x = emb[tokens_BL]
-    n = cfg.d_state
+    n = cfg.mixers.mamba.d_state
     for i in range(cfg.n_layers):
         lp = p[f"layers_{i}"]
         m = lp["mixer"]

@@ -26,9 +26,9 @@ PRESETS = ("attention-128k", "hybrid-128k", "mamba-1m", "smoke")
 
 def base_config():
     c = _mamba_lm().base_config()
-    c.model.update(remat=True, n_heads=4, n_kv_heads=2, head_dim=0, rope_theta=500000.0,
-                   sliding_window=0, attn_bias=False, max_cache_len=2048,
-                   ring_layout="zigzag")
+    c.model.remat = True
+    c.model.mixers.attention.update(n_heads=4, n_kv_heads=2, rope_theta=500000.0,
+                                    ring_layout="zigzag")
     c.train.update(batch_size=1, steps=100, decay_steps=100, warmup_steps=10,
                    learning_rate=1e-3, log_every=1, eval_every=50, eval_batches=1,
                    checkpoint_every=50, keep_checkpoints=2)
@@ -41,20 +41,22 @@ def get_config(preset="mamba-1m"):
     if preset in ("", "default"):
         preset = "mamba-1m"
     if preset == "attention-128k":
-        c.model.update(mixer_pattern=("attention",), d_model=128, n_layers=2, n_heads=4,
-                       n_kv_heads=1, d_ff=256)
+        c.model.update(mixer_pattern=("attention",), d_model=128, n_layers=2, d_ff=256)
+        c.model.mixers.attention.n_kv_heads = 1
         c.train.update(seq_len=131_072)
     elif preset == "hybrid-128k":
         c.model.update(mixer_pattern=("mamba", "attention"), d_model=128, n_layers=2,
-                       n_heads=4, n_kv_heads=1, d_ff=256)
+                       d_ff=256)
+        c.model.mixers.attention.n_kv_heads = 1
         c.train.update(seq_len=131_072)
     elif preset == "mamba-1m":
-        c.model.update(mixer_pattern=("mamba",), d_model=32, n_layers=2, d_state=16, d_ff=0)
+        c.model.update(mixer_pattern=("mamba",), d_model=32, n_layers=2, d_ff=0)
         c.train.update(seq_len=1_048_576)
         c.data.update(val_fraction=0.2)  # the split must hold one 1M-token window
     elif preset == "smoke":
-        c.model.update(mixer_pattern=("mamba", "attention"), d_model=32, n_layers=2,
-                       d_state=4, n_heads=2, n_kv_heads=1, d_ff=64)
+        c.model.update(mixer_pattern=("mamba", "attention"), d_model=32, n_layers=2, d_ff=64)
+        c.model.mixers.mamba.d_state = 4
+        c.model.mixers.attention.update(n_heads=2, n_kv_heads=1)
         c.train.update(seq_len=4096, steps=4, decay_steps=4, warmup_steps=1, log_every=1,
                        eval_every=2, checkpoint_every=2)
     else:

@@ -18,6 +18,7 @@ buffers and the estimate's error). Another chip count works if it divides the ba
 """
 import ml_collections
 
+from jaxmix import models
 from jaxmix.parallel.mesh import DEFAULT_RULES
 
 # name: (d_model, n_layers), as in the Mamba paper's model family.
@@ -29,13 +30,11 @@ POD_CHIPS = {"130m": 8, "370m": 16, "790m": 32, "1.4b": 32, "2.8b": 64}
 
 def base_config():
     c = ml_collections.ConfigDict()
+    # Shared fields, then one entry per mixer (models.config): the pattern names entries.
     c.model = ml_collections.ConfigDict(dict(
         family="lm", d_model=256, n_layers=4, vocab_size=256, vocab_multiple=8,
-        mixer_pattern=("mamba",), d_state=16, expand=2, d_conv=4, dt_rank=0,
-        d_ff=0, tie_embeddings=True, norm_eps=1e-5, dtype="float32",
-        scan_impl="auto", attn_impl="auto", n_heads=4, n_kv_heads=4, head_dim=0,
-        rope_theta=10000.0, sliding_window=0, remat=False, proj_bias=False,
-        mlp_bias=False))
+        mixer_pattern=("mamba",), d_ff=0, tie_embeddings=True, norm_eps=1e-5,
+        dtype="float32", remat=False, mlp_bias=False, mixers=models.default_mixers()))
     c.train = ml_collections.ConfigDict(dict(
         steps=400, decay_steps=400, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
@@ -69,7 +68,8 @@ def get_config(preset="default"):
     if preset in ("default", ""):
         pass
     elif preset == "smoke":
-        c.model.update(d_model=32, n_layers=2, d_state=4)
+        c.model.update(d_model=32, n_layers=2)
+        c.model.mixers.mamba.d_state = 4
         smoke_train(c)
     elif preset in POD_SHAPES:
         d_model, n_layers = POD_SHAPES[preset]

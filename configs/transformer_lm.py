@@ -5,8 +5,13 @@ Pre-norm RMSNorm blocks: attention (GQA, rotary embeddings) then a SwiGLU MLP
 `model.tie_embeddings`.
 
 Presets: `default` (CPU, minutes), `smoke` (seconds, tests), `hybrid` (two Mamba
-layers per attention layer, CPU-sized) and pod-scale Llama shapes with a byte
-vocabulary: `llama-160m`, `llama-410m`, `llama-1b`, `llama-7b`, `llama-8b`.
+layers per attention layer, CPU-sized), `moh` / `moh-50` (the default model with
+mixture-of-head attention, 75% / 50% of the heads active per token), `hybrid-moh`
+(two Mamba layers per MoH layer) and pod-scale Llama shapes with a byte vocabulary:
+`llama-160m`, `llama-410m`, `llama-1b`, `llama-7b`, `llama-8b`.
+
+Mixer settings live in model.mixers.<entry> (attention, moh, mamba), e.g.
+  --config.model.mixers.attention.attn_impl=pallas --config.model.mixers.moh.top_k=2
   python train.py --config configs/transformer_lm.py[:PRESET] [--config.a.b=value ...]
 
 Pod presets run as configs/mamba_lm.py's (its docstring): 256 x 2048 tokens per step,
@@ -38,12 +43,20 @@ POD_CHIPS = {"llama-160m": 4, "llama-410m": 8, "llama-1b": 16, "llama-7b": 64,
 
 def base_config():
     c = _mamba_lm().base_config()
-    c.model.update(mixer_pattern=("attention",), d_model=256, n_layers=4, n_heads=4,
-                   n_kv_heads=2, head_dim=0, d_ff=512, rope_theta=10000.0, sliding_window=0,
-                   attn_impl="auto", attn_bias=False, max_cache_len=2048,
+    c.model.update(mixer_pattern=("attention",), d_model=256, n_layers=4, d_ff=512,
                    tie_embeddings=True)
+    heads = dict(n_heads=4, n_kv_heads=2)
+    c.model.mixers.attention.update(heads)
+    # MoH at 75% active heads: 2 shared + the top 1 of 2 routed (per token).
+    c.model.mixers.moh.update(heads, shared_heads=2, top_k=1)
     c.train.update(learning_rate=2e-3)
     return c
+
+
+def set_heads(c, **fields):
+    """Head fields (n_heads, n_kv_heads, rope_theta, ...) of every attention-like mixer."""
+    c.model.mixers.attention.update(fields)
+    c.model.mixers.moh.update(fields)
 
 
 def get_config(preset="default"):
@@ -52,18 +65,29 @@ def get_config(preset="default"):
     if preset in ("default", ""):
         pass
     elif preset == "smoke":
-        c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, d_state=4)
+        c.model.update(d_model=32, n_layers=2, d_ff=64)
+        set_heads(c, n_heads=2, n_kv_heads=1)
+        c.model.mixers.moh.update(shared_heads=1, top_k=1)
+        c.model.mixers.mamba.d_state = 4
         mamba_lm.smoke_train(c)
     elif preset == "hybrid":
         c.model.update(mixer_pattern=("mamba", "mamba", "attention"), n_layers=3)
+    elif preset == "moh":  # 75% of the heads active per token
+        c.model.mixer_pattern = ("moh",)
+    elif preset == "moh-50":  # 50%: 1 shared + the top 1 of 3 routed
+        c.model.mixer_pattern = ("moh",)
+        c.model.mixers.moh.update(shared_heads=1, top_k=1)
+    elif preset == "hybrid-moh":
+        c.model.update(mixer_pattern=("mamba", "mamba", "moh"), n_layers=3)
     elif preset in POD_SHAPES:
         d_model, n_layers, n_heads, n_kv_heads, d_ff, theta = POD_SHAPES[preset]
-        c.model.update(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                       n_kv_heads=n_kv_heads, d_ff=d_ff, rope_theta=theta,
-                       tie_embeddings=False, dtype="bfloat16", remat=True,
-                       max_cache_len=8192)
+        c.model.update(d_model=d_model, n_layers=n_layers, d_ff=d_ff, tie_embeddings=False,
+                       dtype="bfloat16", remat=True)
+        set_heads(c, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=theta,
+                  max_cache_len=8192)
+        c.model.mixers.moh.update(shared_heads=n_heads // 2, top_k=n_heads // 4)
         mamba_lm.pod_train(c, learning_rate=3e-4)
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose default, smoke, hybrid or "
-                         f"{', '.join(POD_SHAPES)}")
+        raise ValueError(f"unknown preset {preset!r}; choose default, smoke, hybrid, moh, "
+                         f"moh-50, hybrid-moh or {', '.join(POD_SHAPES)}")
     return c

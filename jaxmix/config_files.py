@@ -24,3 +24,12 @@ def load_config(spec, root=None):
 def sibling(config_file, name):
     """Another config file in the same folder as `config_file` (e.g. a shared base)."""
     return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
+def set_field(config, path, value):
+    """config[a][b][c] = value for path "a.b.c" (lists become tuples, as in configs)."""
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = tuple(value) if isinstance(value, list) else value

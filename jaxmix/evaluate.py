@@ -71,7 +71,7 @@ def parse_lengths(text):
 
 
 def is_recurrent(cfg):
-    return all(kind == "mamba" for kind in models.layer_kinds(cfg))
+    return all(models.kind_of(cfg, name) == "mamba" for name in models.layer_kinds(cfg))
 
 
 class Scorer:
@@ -195,7 +195,7 @@ def check_lengths(name, args, lengths):
 
 
 def load(workdir):
-    from jaxmix.generate import load_workdir
+    from jaxmix.workdir import load_workdir
     if not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir}: no such folder")
     return load_workdir(workdir)

@@ -8,19 +8,16 @@ KV cache preallocated for prompt + new tokens.
 """
 import argparse
 import functools
-import inspect
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from jaxmix import mixers, models
+from jaxmix import models, workdir
 from jaxmix.errors import ConfigError
-from jaxmix.models.layers import compute_dtype
+from jaxmix.nn import compute_dtype
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -47,23 +44,11 @@ def sample_logits(logits_BV, key, temperature=1.0, top_k=None, top_p=None):
 # ----------------------------------------------------------------------------- cache
 
 def init_cache(model, batch, max_len):
-    """The decode cache before the prompt: one entry per layer. Mixers whose
-    `init_cache` takes a `max_len` (KV caches) are preallocated for `max_len` tokens;
-    the others start from None (zeros, built by the mixer itself)."""
-    cfg = model.cfg
-    cache = []
-    for kind in models.layer_kinds(cfg):
-        cls = mixers.get(kind)
-        fn = getattr(cls, "init_cache", None)
-        params = inspect.signature(fn).parameters if fn is not None else {}
-        if "max_len" in params:
-            kw = {"d_model": cfg.d_model} if "d_model" in params else {}
-            if "dtype" in params:
-                kw["dtype"] = compute_dtype(cfg)
-            cache.append(cls(cfg).init_cache(batch, max_len=max_len, **kw))
-        else:
-            cache.append(None)
-    return cache
+    """The decode cache before the prompt, one entry per layer, each mixer's
+    `init_cache(batch, max_len, dtype)`: KV caches are preallocated for `max_len` tokens,
+    recurrent states have a fixed size."""
+    return [cls(mixer_cfg).init_cache(batch, max_len, compute_dtype(mixer_cfg))
+            for _, cls, mixer_cfg in models.layer_mixers(model.cfg)]
 
 
 # ----------------------------------------------------------------------------- jit'd parts
@@ -155,68 +140,6 @@ def sample_text(model, params, prompt, max_new_tokens, **kw):
     return decode_bytes(np.asarray(out)[0])
 
 
-# ----------------------------------------------------------------------------- workdirs
-
-def read_config(workdir):
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"--workdir {workdir}: no config.json there; point it at a "
-                          f"train.py or `python -m jaxmix.convert` workdir")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_params(checkpoint_dir, step=None):
-    """(params, step): the params subtree only of the TrainState saved at `step`
-    (default: the latest), as host-local arrays on the default device."""
-    import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{checkpoint_dir}: no checkpoint there yet; train first "
-                          f"(train.py saves every train.checkpoint_every steps)")
-    tree = manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          tree["params"])
-    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        {"params": target}, restore_args={"params": args}, partial_restore=True)))
-    manager.close()
-    return restored["state"]["params"], step
-
-
-def check_params(model, params, where):
-    """One-line error when `params` do not fit `model` (names or shapes)."""
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, 1), jnp.int32))["params"])
-    import flax.linen as nn
-    want = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    name = lambda path: "/".join(str(getattr(p, "key", p)) for p in path)
-    have = {name(p): v for p, v in got.items()}
-    for path, leaf in want:
-        if name(path) not in have:
-            raise ConfigError(f"{where}: param {name(path)} is missing; the checkpoint was "
-                              f"written for another model config")
-        if tuple(have[name(path)].shape) != tuple(leaf.shape):
-            raise ConfigError(f"{where}: param {name(path)} has shape "
-                              f"{tuple(have[name(path)].shape)}, the model wants "
-                              f"{tuple(leaf.shape)}")
-
-
-def load_workdir(workdir, step=None):
-    """(model, params, config) from a workdir: its config.json and the params of its
-    latest (or `step`'s) checkpoint; the optimizer state is not read."""
-    config = read_config(workdir)
-    model = models.build(config.model)
-    params, _ = restore_params(os.path.join(workdir, "checkpoints"), step)
-    check_params(model, params, f"--workdir {workdir}")
-    return model, params, config
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def _tokenizer(workdir):
@@ -244,7 +167,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         check_sampling(a.temperature, a.top_k, a.top_p, a.max_new_tokens)
-        model, params, config = load_workdir(a.workdir)
+        model, params, config = workdir.load_workdir(a.workdir)
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                   top_p=a.top_p, rng=jax.random.PRNGKey(a.seed))
         if config.model.vocab_size == 256:

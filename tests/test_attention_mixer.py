@@ -13,8 +13,9 @@ from jaxmix.mixers.attention import Attention, rotary
 
 
 def mixer_cfg(**kw):
-    base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=0, rope_theta=10000.0,
-                sliding_window=0, attn_impl="xla", dtype="float32", max_cache_len=16)
+    base = dict(Attention.DEFAULTS, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                head_dim=0, rope_theta=10000.0, sliding_window=0, attn_impl="xla",
+                dtype="float32", max_cache_len=16)
     base.update(kw)
     return ml_collections.FrozenConfigDict(base)
 

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxmix import convert, models  # noqa: E402
 from jaxmix import generate as gen  # noqa: E402
-from jaxmix.convert import hf  # noqa: E402
+from jaxmix import hf, workdir  # noqa: E402
 from jaxmix.convert.__main__ import main as convert_main  # noqa: E402
 
 MAMBA = dict(vocab_size=67, hidden_size=32, state_size=8, num_hidden_layers=2)
@@ -126,10 +126,12 @@ def _jaxmix_model(kind):
     import transformer_lm
     if kind == "mamba":
         c = mamba_lm.get_config("smoke").model
-        c.update(proj_bias=True, tie_embeddings=False, vocab_size=250)
+        c.update(tie_embeddings=False, vocab_size=250)
+        c.mixers.mamba.proj_bias = True
     else:
         c = transformer_lm.get_config("smoke").model
-        c.update(attn_bias=True, mlp_bias=True, tie_embeddings=False, vocab_size=250)
+        c.update(mlp_bias=True, tie_embeddings=False, vocab_size=250)
+        c.mixers.attention.attn_bias = True
     lm = models.build(c)
     params = nn.unbox(lm.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))["params"])
     rs = np.random.RandomState(0)
@@ -164,12 +166,12 @@ def test_convert_cli_workdir(hf_dirs, tmp_path):
     assert convert_main(["--from-hf", directory, "--out", str(out)]) == 0
     full = json.loads((out / "config.json").read_text())
     assert {"model", "train", "data", "mesh"} <= set(full)
-    lm, params, config = gen.load_workdir(str(out))
+    lm, params, config = workdir.load_workdir(str(out))
     _, want = hf.load(directory)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    for a, b in zip(jax.tree.leaves(hf.load_params(str(out), config.model)),
-                    jax.tree.leaves(hf.load_params(directory))):
+    for a, b in zip(jax.tree.leaves(workdir.load_params(str(out), lm)),
+                    jax.tree.leaves(workdir.load_params(directory))):
         np.testing.assert_array_equal(np.asarray(a), b)
     ids = prompt(config.model.vocab_size)
     tokens = np.asarray(gen.generate(lm, params, ids, max_new_tokens=NEW, temperature=0.0))
@@ -187,7 +189,6 @@ def test_trainer_restores_converted_workdir(hf_dirs, tmp_path):
     from jaxmix import parallel
     from jaxmix.train import optimizer
     from jaxmix.train import state as state_lib
-    from jaxmix.train.checkpoint import Checkpointer
     config = convert.from_hf(directory, str(tmp_path))
     lm = models.build(config.model)
     tx, _ = optimizer.make(config.train)
@@ -201,7 +202,7 @@ def test_trainer_restores_converted_workdir(hf_dirs, tmp_path):
         def set_state(self, state):
             raise ValueError("no data state")
 
-    ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    ckpt = workdir.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
     state, data_ok = ckpt.restore(0, abstract, NoData())
     ckpt.close()
     assert int(state.step) == 0 and not data_ok
@@ -218,4 +219,4 @@ def test_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="model_type='gpt2'"):
         hf.load(str(tmp_path))
     with pytest.raises(ConfigError, match="not a directory"):
-        hf.load_params(str(tmp_path / "missing"))
+        workdir.load_params(str(tmp_path / "missing"))

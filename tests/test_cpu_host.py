@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxmix import cpu
-from jaxmix.models.layers import linear
+from jaxmix.nn import linear
 from jaxmix.ops.selective_scan import softplus_f32
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

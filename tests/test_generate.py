@@ -11,6 +11,7 @@ import pytest
 
 from jaxmix import generate as gen
 from jaxmix import models
+from jaxmix import workdir as workdir_lib
 
 BATCH, PROMPT, TOTAL = 2, 5, 13
 
@@ -64,7 +65,7 @@ def test_mamba_decode_step_runs_no_kernel():
     plain step of the recurrence: no pallas_call in its jaxpr, and the cached decode
     still equals the full forward pass."""
     config, _, params = built("mamba")
-    config.model.scan_impl = "pallas"
+    config.model.mixers.mamba.scan_impl = "pallas"
     lm = models.build(config.model)
     seq = tokens(TOTAL - 4)
     full, _ = jax.jit(lambda p, t: lm.apply({"params": p}, t))(params, seq)
@@ -156,7 +157,7 @@ def workdir(tmp_path_factory):
 
 def test_load_workdir_and_sample_text(workdir):
     _, _, params = built("mamba")
-    lm, loaded, config = gen.load_workdir(workdir)
+    lm, loaded, config = workdir_lib.load_workdir(workdir)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     text = gen.sample_text(lm, loaded, "def ", 12, temperature=0.0)

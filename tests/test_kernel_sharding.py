@@ -15,9 +15,11 @@ from test_sharding import assert_close, worker
 BATCH, SEQ, HEADS, D_INNER = 8, 32, 8, 64
 SPEC = {"config": "configs/transformer_lm.py:smoke",
         "overrides": {"train.batch_size": BATCH, "train.seq_len": SEQ,
-                      "model.mixer_pattern": ["mamba", "attention"], "model.n_heads": HEADS,
-                      "model.n_kv_heads": 4, "model.scan_impl": "pallas",
-                      "model.attn_impl": "pallas"},
+                      "model.mixer_pattern": ["mamba", "attention"],
+                      "model.mixers.attention.n_heads": HEADS,
+                      "model.mixers.attention.n_kv_heads": 4,
+                      "model.mixers.mamba.scan_impl": "pallas",
+                      "model.mixers.attention.attn_impl": "pallas"},
         "meshes": [[], [2, 2, 2], [1, 4, 2]], "steps": 5}
 
 

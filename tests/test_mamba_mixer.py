@@ -15,8 +15,8 @@ from jaxmix.mixers.mamba import Mamba
 
 
 def mixer_cfg(**kw):
-    base = dict(d_model=16, n_layers=2, d_state=4, expand=2, d_conv=4, dt_rank=0,
-                scan_impl="xla", dtype="float32")
+    base = dict(Mamba.DEFAULTS, d_model=16, n_layers=2, d_state=4, expand=2, d_conv=4,
+                dt_rank=0, scan_impl="xla", dtype="float32")
     base.update(kw)
     return ml_collections.FrozenConfigDict(base)
 
@@ -107,7 +107,7 @@ def test_lm_is_causal():
 
 
 @pytest.mark.parametrize("pattern, layers, msg", [
-    (("nope",), 2, "unknown mixer 'nope'"),
+    (("nope",), 2, "'nope' has no entry in model.mixers"),
     (("mamba", "mamba", "mamba"), 2, "must divide model.n_layers"),
 ])
 def test_bad_pattern(pattern, layers, msg):

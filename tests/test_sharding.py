@@ -29,7 +29,8 @@ def assert_close(got, want, rtol=1e-5):
 CONFIGS = {
     "mamba_lm": ("configs/mamba_lm.py:smoke", {"train.batch_size": 8}),
     "transformer_lm": ("configs/transformer_lm.py:smoke", {  # GQA 2:1
-        "train.batch_size": 8, "model.n_heads": 8, "model.n_kv_heads": 4}),
+        "train.batch_size": 8, "model.mixers.attention.n_heads": 8,
+        "model.mixers.attention.n_kv_heads": 4}),
 }
 
 
@@ -150,8 +151,22 @@ def test_sequence_parallel_train_step_matches_single_device(config):
     """mesh.sequence=4 (ring attention, sequence-parallel scan) gives the sequence=1 losses."""
     overrides = {"train.batch_size": 2, "train.seq_len": 64}
     if "hybrid" in config:
-        overrides.update({"model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
-                          "model.d_ff": 64, "model.d_state": 4})
+        overrides.update({"model.d_model": 32, "model.mixers.attention.n_heads": 4,
+                          "model.mixers.attention.n_kv_heads": 2, "model.d_ff": 64,
+                          "model.mixers.mamba.d_state": 4})
     spec = {"config": config, "overrides": overrides, "meshes": [[], [2, 1, 1, 4]], "steps": 4}
+    rows = worker("sharded_losses.py", json.dumps(spec))
+    assert_close(rows[1]["losses"], rows[0]["losses"])
+
+
+@pytest.mark.slow
+def test_moh_sharded_over_data_tensor_sequence_matches_single_device():
+    """MoH (routers, gates, load-balance loss) on a (data 2, tensor 2, sequence 2) mesh:
+    the single-device losses for 5 steps (ring attention over the sequence halves)."""
+    overrides = {"train.batch_size": 4, "train.seq_len": 32, "model.mixer_pattern": ["moh"],
+                 "model.mixers.moh.n_heads": 4, "model.mixers.moh.n_kv_heads": 2,
+                 "model.mixers.moh.shared_heads": 1, "model.mixers.moh.top_k": 2}
+    spec = {"config": "configs/transformer_lm.py:smoke", "overrides": overrides,
+            "meshes": [[], [2, 1, 2, 2]], "steps": 5}
     rows = worker("sharded_losses.py", json.dumps(spec))
     assert_close(rows[1]["losses"], rows[0]["losses"])

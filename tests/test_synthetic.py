@@ -268,7 +268,8 @@ def test_evaluate_attention_over_budget_is_skipped_and_mamba_chunks_agree():
     results = {}
     for mixer in ("attention", "mamba"):
         c = synthetic_configs.get_config(f"induction-{mixer}")
-        c.model.update(d_model=32, n_heads=4, n_kv_heads=4)
+        c.model.d_model = 32
+        synthetic_configs.set_heads(c, n_heads=4, n_kv_heads=4)
         model = models.build(c.model)
         params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
         scorer = Scorer(model, params, chunk=16)

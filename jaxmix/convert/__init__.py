@@ -11,8 +11,7 @@ optimizer state), so `python -m jaxmix.generate --workdir WORKDIR` samples from 
 import os
 import shutil
 
-from jaxmix.convert import hf
-from jaxmix import config_files
+from jaxmix import config_files, hf, workdir
 from jaxmix.errors import ConfigError
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -24,7 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def preset_config(model_config, configs_dir=CONFIGS_DIR):
     """The full config: configs/mamba_lm.py (pure Mamba) or configs/transformer_lm.py
     default preset, its model section updated with `model_config`."""
-    kinds = set(tuple(model_config.mixer_pattern))
+    from jaxmix import models
+    kinds = {models.kind_of(model_config, n) for n in models.layer_kinds(model_config)}
     name = "mamba_lm" if kinds == {"mamba"} else "transformer_lm"
     path = os.path.join(configs_dir, name + ".py")
     if not os.path.exists(path):
@@ -39,13 +39,11 @@ def write_workdir(out, config, params, step=0):
     """A train.py-compatible workdir: config.json + TrainState(step, params, fresh
     opt_state) saved by orbax under out/checkpoints/<step>/state."""
     from jaxmix import models, parallel
-    from jaxmix.generate import check_params
-    from jaxmix.train import optimizer, validate
+    from jaxmix.train import optimizer
     from jaxmix.train import state as state_lib
-    from jaxmix.train.checkpoint import Checkpointer
 
     model = models.build(config.model)
-    check_params(model, params, f"--out {out}")
+    workdir.check_params(model, params, f"--out {out}")
     mesh = parallel.make_mesh(config.mesh)
     tx, _ = optimizer.make(config.train)
     _, shardings, _ = state_lib.create(model, tx, mesh, parallel.rules_of(config),
@@ -55,10 +53,10 @@ def write_workdir(out, config, params, step=0):
     ckpt_dir = os.path.join(os.path.abspath(out), "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ConfigError(f"--out {out} already holds checkpoints; use a new directory")
-    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    ckpt = workdir.Checkpointer(ckpt_dir, async_save=False)
     ckpt.save(step, state)  # no data item: the trainer positions the data by step
     ckpt.close()
-    validate.write_config(config, out)
+    workdir.write_config(config, out)
     return out
 
 
@@ -75,10 +73,9 @@ def from_hf(hf_dir, out):
     return config
 
 
-def to_hf(workdir, hf_dir):
+def to_hf(workdir_path, hf_dir):
     """Exports a workdir's latest params as an HF model directory."""
-    from jaxmix.generate import load_workdir
-    _, params, config = load_workdir(workdir)
+    _, params, config = workdir.load_workdir(workdir_path)
     hf.save(hf_dir, config.model, params)
     return config
 

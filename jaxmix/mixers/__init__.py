@@ -1,9 +1,17 @@
 """The token-mixer registry: one name per mixer, one file per mixer.
 
-Every mixer is a flax.linen Module built as `cls(cfg=model_config, name=...)` with
-  __call__(x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False)
-      -> (y_BLD, new_cache, aux)
-where `aux` is a dict of auxiliary losses/metrics (empty for most mixers).
+Every mixer is a flax.linen Module built as `cls(cfg=mixer_config, name=...)`, where
+`mixer_config` holds the model's shared fields (d_model, n_layers, dtype, ...) and the
+mixer's own (its class's DEFAULTS, overridden by its entry in model.mixers). It has
+  DEFAULTS                 {field: default} of its own config fields
+  __call__(x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
+           train=False) -> (y_BLD, new_cache or None, aux)
+  init_cache(batch, max_len, dtype) -> the decode cache before any token
+  cache_axes()             the cache's logical axis names (same tree as the cache)
+`aux` maps names to scalars for this layer: entries whose name ends in "loss" are
+added to the training loss, times the entry's `aux_weight` field, after averaging
+over the layers of one model.mixers entry; all entries are logged. Mixers modules
+import jaxmix.nn, jaxmix.ops and jaxmix.parallel, never jaxmix.models or jaxmix.train.
 """
 import importlib
 
@@ -13,6 +21,7 @@ from jaxmix.errors import ConfigError
 REGISTRY = {
     "mamba": "jaxmix.mixers.mamba:Mamba",
     "attention": "jaxmix.mixers.attention:Attention",
+    "moh": "jaxmix.mixers.moh:MoH",
 }
 
 

@@ -17,9 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix import ops, parallel
-from jaxmix.models.layers import (DenseGeneral, compute_dtype, constrain, linear,
+from jaxmix.nn import (DenseGeneral, compute_dtype, constrain, linear,
                                   matrix_init, param_with_axes, scaled_init,
                                   torch_linear_init)
+
+
+# dt_rank 0: ceil(d_model / 16); proj_bias: HF MambaConfig.use_bias (mamba_ssm: False).
+DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank=0, scan_impl="auto", proj_bias=False)
+CACHE_AXES = {"conv": ("batch", None, "mlp"), "ssm": ("batch", "mlp", "state")}
 
 
 def dt_rank_of(cfg):
@@ -50,10 +55,12 @@ def uniform_init(bound):
 
 class Mamba(nn.Module):
     cfg: Any
+    DEFAULTS = DEFAULTS
 
     @nn.compact
-    def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False):
-        del segment_ids, positions  # the recurrence runs over the packed stream
+    def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
+                 train=False):
+        del segment_ids, positions, train  # the recurrence runs over the packed stream
         cfg = self.cfg
         dtype = compute_dtype(cfg)
         d_model, n = x_BLD.shape[-1], cfg.d_state
@@ -82,7 +89,7 @@ class Mamba(nn.Module):
         w_conv, b_conv = w_conv.astype(dtype), b_conv.astype(dtype)
         if decode:
             if cache is None:
-                cache = self.init_cache(bsz, d_model, x_BLD.dtype)
+                cache = self.init_cache(bsz, 0, x_BLD.dtype)
             ctx_BKI = cache["conv"].astype(dtype)
             x_all = jnp.concatenate([ctx_BKI, x_BLI], axis=1)
             conv_state = x_all[:, x_all.shape[1] - (k - 1):]   # the last k-1 inputs
@@ -125,8 +132,14 @@ class Mamba(nn.Module):
         new_cache = {"conv": conv_state, "ssm": ssm_state} if decode else None
         return y_BLD, new_cache, {}
 
-    def init_cache(self, batch, d_model, dtype=jnp.float32):
+    def init_cache(self, batch, max_len, dtype=jnp.float32):
+        """The conv window and SSM state: constant size, whatever `max_len` (logical
+        axes: CACHE_AXES)."""
+        del max_len
         cfg = self.cfg
-        d_inner = cfg.expand * d_model
-        return {"conv": jnp.zeros((batch, cfg.get("d_conv", 4) - 1, d_inner), dtype),
+        d_inner = cfg.expand * cfg.d_model
+        return {"conv": jnp.zeros((batch, cfg.d_conv - 1, d_inner), dtype),
                 "ssm": jnp.zeros((batch, d_inner, cfg.d_state), jnp.float32)}
+
+    def cache_axes(self):
+        return CACHE_AXES

@@ -3,15 +3,18 @@
 Blocks follow `cfg.mixer_pattern` (tiled to `cfg.n_layers`): each is a pre-norm
 residual mixer, plus a pre-norm SwiGLU MLP when `cfg.d_ff > 0` (Llama-style).
 The residual stream is kept in fp32.
+
+Aux outputs of the mixers are averaged over the layers of each model.mixers entry and
+returned as "<entry>/<name>"; "aux_loss" is the sum of the entries' loss terms times
+their `aux_weight` (what the trainer adds to the cross-entropy).
 """
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxmix import mixers
-from jaxmix.errors import ConfigError
-from jaxmix.models.layers import DenseGeneral, RMSNorm, SwiGLU, compute_dtype, constrain
+from jaxmix.models.config import layer_kinds, layer_mixers
+from jaxmix.nn import DenseGeneral, RMSNorm, SwiGLU, compute_dtype, constrain
 
 
 def padded_vocab(cfg):
@@ -19,29 +22,19 @@ def padded_vocab(cfg):
     return -(-cfg.vocab_size // multiple) * multiple
 
 
-def layer_kinds(cfg):
-    """The mixer name of every layer: the pattern tiled to n_layers."""
-    pattern = tuple(cfg.mixer_pattern)
-    if not pattern or cfg.n_layers % len(pattern):
-        raise ConfigError(f"model.mixer_pattern: length {len(pattern)} must divide "
-                          f"model.n_layers={cfg.n_layers}; give one name per layer or a "
-                          f"repeating unit")
-    for name in pattern:
-        mixers.get(name)
-    return pattern * (cfg.n_layers // len(pattern))
-
-
 class Block(nn.Module):
     cfg: Any
-    kind: str
+    layer: int
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions, cache, decode):
+    def __call__(self, x, segment_ids, positions, cache, decode, train):
         cfg, dtype = self.cfg, compute_dtype(self.cfg)
         eps = cfg.get("norm_eps", 1e-5)
+        _, cls, mixer_cfg = layer_mixers(cfg)[self.layer]
         h = RMSNorm(eps, dtype, name="norm")(x)
-        y, new_cache, aux = mixers.get(self.kind)(cfg, name="mixer")(
-            h, segment_ids=segment_ids, positions=positions, cache=cache, decode=decode)
+        y, new_cache, aux = cls(mixer_cfg, name="mixer")(
+            h, segment_ids=segment_ids, positions=positions, cache=cache, decode=decode,
+            train=train)
         x = x + y.astype(jnp.float32)
         if cfg.get("d_ff", 0):
             h = RMSNorm(eps, dtype, name="mlp_norm")(x)
@@ -50,32 +43,49 @@ class Block(nn.Module):
         return constrain(x, ("batch", "length", "embed")), new_cache, aux
 
 
+def combine_aux(cfg, layer_aux):
+    """{"<entry>/<name>": mean over that entry's layers} plus "aux_loss" (weighted sum
+    of the loss terms) from the per-layer aux dicts."""
+    sums, counts = {}, {}
+    for (name, _, _), aux in zip(layer_mixers(cfg), layer_aux):
+        for key, value in aux.items():
+            k = f"{name}/{key}"
+            sums[k] = sums.get(k, 0.0) + value
+            counts[k] = counts.get(k, 0) + 1
+    out = {k: v / counts[k] for k, v in sums.items()}
+    if out:
+        out["aux_loss"] = sum(
+            cfg.mixers[k.split("/")[0]].get("aux_weight", 0.0) * v
+            for k, v in out.items() if k.endswith("loss"))
+    return out
+
+
 class LM(nn.Module):
     """Returns (logits [B, L, V_padded], aux); with `decode=True` also the new cache."""
     cfg: Any
 
     @nn.compact
     def __call__(self, tokens_BL, *, segment_ids=None, positions=None, cache=None,
-                 decode=False):
+                 decode=False, train=False):
         cfg, dtype = self.cfg, compute_dtype(self.cfg)
         vocab = padded_vocab(cfg)
         embed = nn.Embed(vocab, cfg.d_model, dtype=dtype, name="embed",
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(0.02), ("vocab", "embed")))
         x = constrain(embed(tokens_BL).astype(jnp.float32), ("batch", "length", "embed"))
-        block_cls = nn.remat(Block, static_argnums=(5,)) if cfg.get("remat") else Block
-        aux, new_cache = {}, []
-        for i, kind in enumerate(layer_kinds(cfg)):
+        block_cls = nn.remat(Block, static_argnums=(5, 6)) if cfg.get("remat") else Block
+        layer_aux, new_cache = [], []
+        for i in range(len(layer_kinds(cfg))):
             layer_cache = cache[i] if cache is not None else None
-            x, c, layer_aux = block_cls(cfg, kind, name=f"layers_{i}")(
-                x, segment_ids, positions, layer_cache, decode)
+            x, c, aux = block_cls(cfg, i, name=f"layers_{i}")(
+                x, segment_ids, positions, layer_cache, decode, train)
             new_cache.append(c)
-            for key, value in layer_aux.items():
-                aux[key] = aux.get(key, 0.0) + value
+            layer_aux.append(aux)
         x = RMSNorm(cfg.get("norm_eps", 1e-5), dtype, name="norm_f")(x)
         if cfg.get("tie_embeddings", True):
             logits = embed.attend(x.astype(dtype))
         else:
             logits = DenseGeneral(vocab, ("embed", "vocab"), dtype=dtype, name="lm_head")(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        aux = combine_aux(cfg, layer_aux)
         return (logits, aux, new_cache) if decode else (logits, aux)

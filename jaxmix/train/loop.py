@@ -7,10 +7,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxmix import data, models, parallel
+from jaxmix import data, models, parallel, workdir as workdir_lib
 from jaxmix.train import optimizer, validate
 from jaxmix.train import state as state_lib
-from jaxmix.train.checkpoint import Checkpointer
 from jaxmix.train.metrics import MetricsWriter, plot_losses
 from jaxmix.train.step import bits_per_byte, make_eval_step, make_train_step
 
@@ -44,13 +43,14 @@ class Run:
                                                                 config.train.batch_size)
         self.data = data.build(config, process_index=part, process_count=self.batch_slices)
         os.makedirs(workdir, exist_ok=True)
-        self.ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+        self.ckpt = workdir_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  keep=config.train.keep_checkpoints)
         validate.check_workdir(config, workdir, self.ckpt.latest_step() is not None)
         if self.is_main:
-            validate.write_config(config, workdir)
+            workdir_lib.write_config(config, workdir)
         self.train_step = make_train_step(self.model, self.tx, self.lr, self.mesh, self.rules,
-                                          self.shardings, self.batch_sharding)
+                                          self.shardings, self.batch_sharding,
+                                          seed=config.train.seed)
         self.eval_step = make_eval_step(self.model, self.mesh, self.rules,
                                         self.shardings.params, self.batch_sharding)
 
@@ -74,8 +74,7 @@ class Run:
 
     def state_from(self, path):
         """A fresh train state whose params come from an HF directory or a jaxmix workdir."""
-        from jaxmix.convert import hf
-        state = state_lib.from_params(hf.load_params(path, self.config.model), self.tx,
+        state = state_lib.from_params(workdir_lib.load_params(path, self.model), self.tx,
                                       self.shardings)
         log.info("initialised params from %s", path)
         return state

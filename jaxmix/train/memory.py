@@ -46,7 +46,6 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from jaxmix import config_files, models, parallel
 from jaxmix.errors import ConfigError, exit_status
@@ -94,8 +93,8 @@ def _param_shards(model_cfg, rules, mesh):
     """[(global elements, elements on one chip, elements gathered over all but `tensor`)]
     for every block and one more for the rest (embedding, final norm, head). Traced for
     one repeat of the mixer pattern (block shapes depend only on the mixer kind)."""
-    models.layer_kinds(model_cfg)  # validates the pattern
-    unit = ml_collections.ConfigDict(model_cfg.to_dict())
+    unit = models.normalize_config(model_cfg)
+    models.layer_kinds(unit)  # validates the pattern
     unit.n_layers = len(tuple(model_cfg.mixer_pattern))
     model = models.build(unit)
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
@@ -146,7 +145,7 @@ def _mamba_block(cfg, B, L, t, c, kernels):
 def _attention_block(cfg, B, L, t, c, kernels):
     """(forward residuals, backward transients) of one attention mixer, bytes."""
     T, D = B * L, cfg.d_model
-    hq, hkv, hd = head_shape(cfg, D)
+    hq, hkv, hd = head_shape(cfg)
     hq, hkv = max(hq // t, 1), max(hkv // t, 1)
     bq, bk = min(L, BLOCK_Q), min(L, BLOCK_K)
     fwd = (T * D * c                   # norm output
@@ -158,11 +157,19 @@ def _attention_block(cfg, B, L, t, c, kernels):
     return fwd, bwd
 
 
-MIXER_BLOCKS = {"mamba": _mamba_block, "attention": _attention_block}
+def _moh_block(cfg, B, L, t, c, kernels):
+    """Attention's, plus the fp32 gates [T, Hq] and their gradient."""
+    fwd, bwd = _attention_block(cfg, B, L, t, c, kernels)
+    gates = B * L * cfg.n_heads * F32
+    return fwd + gates, bwd + gates
+
+
+MIXER_BLOCKS = {"mamba": _mamba_block, "attention": _attention_block, "moh": _moh_block}
 
 
 def _layer_bytes(cfg, kind, B, L, t, c, on_tpu):
-    """(forward residuals, backward transients) of one whole block: mixer, MLP, residual."""
+    """(forward residuals, backward transients) of one whole block: mixer (`cfg`: its
+    merged config), MLP, residual."""
     if kind not in MIXER_BLOCKS:
         raise ConfigError(f"memory: no estimate for mixer {kind!r}; known: {sorted(MIXER_BLOCKS)}")
     impl = cfg.get("scan_impl" if kind == "mamba" else "attn_impl", "auto")
@@ -197,7 +204,9 @@ def estimate(config, chips, on_tpu=True):
     split = any(g[1] != g[2] for g in groups)  # params split beyond `tensor`
     gathered = (3 * F32 + c) * max(g[2] for g in groups) if split else 0
 
-    layers = [_layer_bytes(m, kind, B, L, t, c, on_tpu) for kind in models.layer_kinds(m)]
+    m = models.normalize_config(m)
+    layers = [_layer_bytes(mcfg, models.kind_of(m, name), B, L, t, c, on_tpu)
+              for name, _, mcfg in models.layer_mixers(m)]
     residual = B * L * m.d_model * F32
     if m.get("remat", False):
         saved = residual * len(layers)

@@ -1,4 +1,5 @@
 """The jit'd train and eval steps (explicit shardings, donated state)."""
+import logging
 import math
 
 import flax.linen as nn
@@ -11,6 +12,8 @@ from jax.sharding import PartitionSpec as P
 from jaxmix import cpu
 from jaxmix.train.state import TrainState
 
+log = logging.getLogger("jaxmix")
+
 
 def split_batch(batch):
     """(tokens [B, L+1], loss mask [B, L] or None) of a batch: an int array (every
@@ -20,30 +23,32 @@ def split_batch(batch):
     return batch, None
 
 
-def scored_terms(model, params, batch):
-    """(cross-entropy [B, L] in nats, mask [B, L] or None, logits, aux) of a batch."""
+def scored_terms(model, params, batch, train=False, rng=None):
+    """(cross-entropy [B, L] in nats, mask [B, L] or None, logits, aux) of a batch.
+    `rng` is the mixers' "mixer" stream (for routers that sample while training)."""
     tokens_BL1, mask_BL = split_batch(batch)
     inputs, targets = tokens_BL1[:, :-1], tokens_BL1[:, 1:]
-    logits, aux = model.apply({"params": params}, inputs)
+    rngs = {"mixer": rng} if rng is not None else None
+    logits, aux = model.apply({"params": params}, inputs, train=train, rngs=rngs)
     ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return ce_BL, mask_BL, logits, aux
 
 
-def loss_terms(model, params, batch, n_scored=None):
+def loss_terms(model, params, batch, n_scored=None, train=True, rng=None):
     """(mean cross-entropy in nats over the scored targets, aux dict). `n_scored`
     overrides the count the sum is divided by (per-device shards of one batch)."""
-    ce_BL, mask_BL, _, aux = scored_terms(model, params, batch)
+    ce_BL, mask_BL, _, aux = scored_terms(model, params, batch, train, rng)
     if mask_BL is None:
         return jnp.mean(ce_BL), aux
     n_scored = jnp.maximum(jnp.sum(mask_BL), 1.0) if n_scored is None else n_scored
     return jnp.sum(ce_BL * mask_BL) / n_scored, aux
 
 
-def total_loss(model, params, batch, n_scored=None):
-    """Loss to minimise: cross-entropy plus every aux entry whose key ends in 'loss'."""
-    ce, aux = loss_terms(model, params, batch, n_scored)
-    extra = sum((v for k, v in aux.items() if k.endswith("loss")), 0.0)
-    return ce + extra, (ce, aux)
+def total_loss(model, params, batch, n_scored=None, rng=None):
+    """Loss to minimise: cross-entropy plus the model's weighted aux losses ("aux_loss":
+    each mixer entry's loss terms times its aux_weight)."""
+    ce, aux = loss_terms(model, params, batch, n_scored, rng=rng)
+    return ce + aux.get("aux_loss", 0.0), (ce, aux)
 
 
 def scored_hits(logits, targets, mask, vocab, axis=None):
@@ -113,38 +118,47 @@ def flat_mean(tree, axes):
 
 def _has_aux_losses(model, params, tokens):
     aux = jax.eval_shape(lambda p, t: total_loss(model, p, t)[1][1], params, tokens)
-    return any(k.endswith("loss") for k in aux)
+    return "aux_loss" in aux
 
 
-def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_sharding):
+def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_sharding,
+                    seed=0):
     """The jit'd train step. Under pure data parallelism (see `data_parallel_axes`) the
     gradients (and metrics) are taken per device inside a shard_map and averaged by ONE
     all-reduce of a flat vector (`flat_mean`), instead of the per-parameter (tuple)
     all-reduce GSPMD inserts: on a CPU host that is one rendezvous per step (the Mamba
     LM step on 2 CPU devices gains 2 to 4%), between CPU processes one gloo call. Models
     with aux losses keep the GSPMD step: their load-balancing terms are statistics of
-    the whole batch. CPU meshes only (`flat_reduce_axes`)."""
+    the whole batch. CPU meshes only (`flat_reduce_axes`). Mixers get the rng stream
+    "mixer", fold_in(PRNGKey(seed), step), and train=True."""
     dp_axes = flat_reduce_axes(mesh, batch_sharding, state_shardings.params,
                                mesh.devices.flat[0].platform)
 
-    def loss_and_grads(params, tokens, n_scored=None):
-        grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens, n_scored),
+    def loss_and_grads(params, tokens, rng, n_scored=None):
+        grad_fn = jax.value_and_grad(lambda p: total_loss(model, p, tokens, n_scored, rng),
                                      has_aux=True)
         (_, (ce, aux)), grads = grad_fn(params)
         return ce, aux, grads
 
-    def grads_local(params, tokens):  # one device's shard of the batch
+    def grads_local(params, tokens, rng):  # one device's shard of the batch
         with nn.logical_axis_rules(()):  # per-device code: no activation constraints
             n_scored = mean_scored_per_shard(tokens, dp_axes)
-            return flat_mean(loss_and_grads(params, tokens, n_scored), dp_axes)
+            return flat_mean(loss_and_grads(params, tokens, rng, n_scored), dp_axes)
 
     def step_fn(state: TrainState, tokens):
-        if dp_axes and not _has_aux_losses(model, state.params, tokens):
-            grads_fn = jax.shard_map(grads_local, mesh=mesh, in_specs=(P(), P(dp_axes)),
-                                     out_specs=P(), check_vma=False)
+        flat = dp_axes and not _has_aux_losses(model, state.params, tokens)
+        if dp_axes and not flat:  # traced once per compile: logged once
+            log.info("train step: GSPMD gradient all-reduce instead of the flat "
+                     "data-parallel one: the aux losses (load balance) are statistics "
+                     "of the whole batch, not of one device's shard")
+        if flat:
+            grads_fn = jax.shard_map(grads_local, mesh=mesh,
+                                     in_specs=(P(), P(dp_axes), P()), out_specs=P(),
+                                     check_vma=False)
         else:
             grads_fn = loss_and_grads
-        ce, aux, grads = grads_fn(state.params, tokens)
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+        ce, aux, grads = grads_fn(state.params, tokens, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": ce, "grad_norm": optax.global_norm(grads),
@@ -165,7 +179,7 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding):
     """Returns a function params, batch -> [summed nats, scored targets, correct
     argmax predictions] over the batch's scored targets (all targets without a mask)."""
     def eval_fn(params, batch):
-        ce_BL, mask_BL, logits, _ = scored_terms(model, params, batch)
+        ce_BL, mask_BL, logits, _ = scored_terms(model, params, batch, train=False)
         tokens_BL1, _ = split_batch(batch)
         mask_BL = jnp.ones_like(ce_BL) if mask_BL is None else mask_BL
         correct, count = scored_hits(logits, tokens_BL1[:, 1:], mask_BL, model.cfg.vocab_size)

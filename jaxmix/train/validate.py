@@ -3,6 +3,8 @@ import json
 import os
 
 from jaxmix.errors import ConfigError
+from jaxmix.models import normalize_config
+from jaxmix.workdir import plain
 
 POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
             "checkpoint_every", "keep_checkpoints")
@@ -40,10 +42,6 @@ def check_mesh(config, mesh, process_count):
                           f"mesh.sequence={mesh.shape['sequence']}")
 
 
-def _normalise(tree):
-    return json.loads(json.dumps(tree, sort_keys=True, default=list))
-
-
 def _first_difference(old, new, prefix="model"):
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
@@ -56,8 +54,15 @@ def _first_difference(old, new, prefix="model"):
     return None
 
 
-# Fields that change how the model computes but not its parameters.
-_RUNTIME_FIELDS = ("scan_impl", "attn_impl", "remat", "dtype")
+# Fields that change how the model computes but not its parameters (model or entry).
+_RUNTIME_FIELDS = ("scan_impl", "attn_impl", "remat", "dtype", "aux_weight")
+
+
+def _without_runtime(model):
+    model = {k: v for k, v in model.items() if k not in _RUNTIME_FIELDS}
+    model["mixers"] = {name: {k: v for k, v in entry.items() if k not in _RUNTIME_FIELDS}
+                       for name, entry in model.get("mixers", {}).items()}
+    return model
 
 
 def check_workdir(config, workdir, has_checkpoints):
@@ -67,17 +72,9 @@ def check_workdir(config, workdir, has_checkpoints):
         return
     with open(path) as f:
         old = json.load(f).get("model", {})
-    new = _normalise(config.model.to_dict())
-    for field in _RUNTIME_FIELDS:
-        old.pop(field, None)
-        new.pop(field, None)
-    diff = _first_difference(old, new)
+    old = plain(normalize_config(old, where=f"{path}: model").to_dict())
+    new = plain(normalize_config(config.model).to_dict())
+    diff = _first_difference(_without_runtime(old), _without_runtime(new))
     if diff:
         raise ConfigError(f"--workdir {workdir} holds checkpoints of another model ({diff}); "
                           f"use a new --workdir or delete that one")
-
-
-def write_config(config, workdir):
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(json.dumps(_normalise(config.to_dict()), indent=2))
-

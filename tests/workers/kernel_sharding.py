@@ -20,6 +20,7 @@ import jax  # noqa: E402
 from jax.extend import core as jex_core  # noqa: E402
 
 from benchmarks.bench_train import load_config  # noqa: E402
+from jaxmix import config_files  # noqa: E402
 from jaxmix.train.loop import Run  # noqa: E402
 
 
@@ -54,11 +55,7 @@ def find_kernels(jaxpr, enclosing=None, found=None):
 def run_mesh(spec, mesh):
     config = load_config(spec["config"])
     for key, value in spec.get("overrides", {}).items():
-        section, field = key.rsplit(".", 1)
-        node = config
-        for part in section.split("."):
-            node = node[part]
-        node[field] = tuple(value) if isinstance(value, list) else value
+        config_files.set_field(config, key, value)
     if mesh:
         config.mesh.update(dict(zip(("data", "fsdp", "tensor", "sequence"), list(mesh) + [1])))
         devices = None

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from benchmarks.bench_train import load_config  # noqa: E402
+from jaxmix import config_files  # noqa: E402
 from jaxmix.train.loop import Run  # noqa: E402
 
 
@@ -37,8 +38,7 @@ def main():
     for mesh in spec["meshes"]:
         config = load_config(spec["config"])
         for key, value in spec.get("overrides", {}).items():
-            section, field = key.split(".")
-            config[section][field] = value
+            config_files.set_field(config, key, value)
         if mesh:
             sizes = list(mesh) + [1] * (4 - len(mesh))  # [data, fsdp, tensor(, sequence)]
             config.mesh.update(dict(zip(("data", "fsdp", "tensor", "sequence"), sizes)))

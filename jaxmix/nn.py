@@ -1,4 +1,5 @@
-"""Small shared layers: RMSNorm, SwiGLU MLP, initialisers, logical-axis helpers."""
+"""Small shared layers below the mixers and models: RMSNorm, SwiGLU MLP, dense layers with
+logical axes, initialisers, activation-sharding helpers."""
 import math
 from typing import Any
 

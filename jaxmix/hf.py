@@ -3,8 +3,9 @@ LlamaForCausalLM.
 
   model_config, params = hf.load(directory)       # config.json + *.safetensors or *.bin
   hf.save(directory, model_config, params)        # config.json + model.safetensors
-  params = hf.load_params(hf_directory_or_jaxmix_workdir)   # train.py --config.init_from
-  model_config = hf.load_model_config(hf_directory_or_jaxmix_workdir)
+
+`jaxmix.workdir.load_params` reads either an HF directory (through `load`) or a jaxmix
+workdir, for train.py's --config.init_from.
 
 Reading safetensors needs no torch; `pytorch_model.bin` files import torch lazily.
 torch Linear weights are [out, in] (jaxmix kernels are [in, out]); every mapping below
@@ -29,9 +30,13 @@ IN_PROJ = (lambda w: w.reshape(2, -1, w.shape[-1]).transpose(2, 0, 1),   # [2I, 
 IN_BIAS = (lambda b: b.reshape(2, -1), lambda b: b.reshape(-1))   # [2I] <-> [2, I]
 
 
-def _runtime_fields():
-    return dict(family="lm", dtype="float32", scan_impl="auto", attn_impl="auto",
-                remat=False, sliding_window=0)
+def _model_config(shared, mixer, **fields):
+    """A model config: the shared fields, and one model.mixers entry (`mixer`)."""
+    from jaxmix.models import default_mixers
+    mixers = default_mixers(mixer)
+    mixers[mixer].update(fields)
+    return ml_collections.ConfigDict(dict(family="lm", dtype="float32", remat=False,
+                                          mixer_pattern=(mixer,), mixers=mixers, **shared))
 
 
 # ----------------------------------------------------------------------------- configs
@@ -70,13 +75,14 @@ def mamba_config(hf):
     if int(expand * d_model) != expand * d_model:
         raise ConfigError(f"config.json: expand={expand} * hidden_size={d_model} is not whole")
     rank = hf.get("time_step_rank", "auto")
-    return ml_collections.ConfigDict(dict(
-        _runtime_fields(), d_model=d_model, n_layers=hf["num_hidden_layers"],
-        vocab_size=hf["vocab_size"], vocab_multiple=1, mixer_pattern=("mamba",),
-        d_state=hf.get("state_size", 16), expand=expand, d_conv=hf.get("conv_kernel", 4),
-        dt_rank=0 if rank == "auto" else int(rank), d_ff=0, proj_bias=bool(hf.get("use_bias")),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5)))
+    shared = dict(d_model=d_model, n_layers=hf["num_hidden_layers"],
+                  vocab_size=hf["vocab_size"], vocab_multiple=1, d_ff=0,
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+                  norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    return _model_config(shared, "mamba", d_state=hf.get("state_size", 16), expand=expand,
+                         d_conv=hf.get("conv_kernel", 4),
+                         dt_rank=0 if rank == "auto" else int(rank),
+                         proj_bias=bool(hf.get("use_bias")))
 
 
 def mamba_ssm_config(hf, embed_rows):
@@ -92,12 +98,13 @@ def mamba_ssm_config(hf, embed_rows):
     vocab, multiple = hf["vocab_size"], hf.get("pad_vocab_size_multiple", 1)
     if -(-vocab // multiple) * multiple != embed_rows:
         vocab, multiple = embed_rows, 1
-    return ml_collections.ConfigDict(dict(
-        _runtime_fields(), d_model=hf["d_model"], n_layers=hf["n_layer"], vocab_size=vocab,
-        vocab_multiple=multiple, mixer_pattern=("mamba",), d_state=ssm.get("d_state", 16),
-        expand=ssm.get("expand", 2), d_conv=ssm.get("d_conv", 4),
-        dt_rank=0 if rank == "auto" else int(rank), d_ff=0, proj_bias=bool(ssm.get("bias")),
-        tie_embeddings=bool(hf.get("tie_embeddings", True)), norm_eps=1e-5))
+    shared = dict(d_model=hf["d_model"], n_layers=hf["n_layer"], vocab_size=vocab,
+                  vocab_multiple=multiple, d_ff=0,
+                  tie_embeddings=bool(hf.get("tie_embeddings", True)), norm_eps=1e-5)
+    return _model_config(shared, "mamba", d_state=ssm.get("d_state", 16),
+                         expand=ssm.get("expand", 2), d_conv=ssm.get("d_conv", 4),
+                         dt_rank=0 if rank == "auto" else int(rank),
+                         proj_bias=bool(ssm.get("bias")))
 
 
 def llama_config(hf):
@@ -109,54 +116,64 @@ def llama_config(hf):
         raise ConfigError(f"config.json: rope_type={kind!r}; jaxmix supports default RoPE only")
     theta = _get(rope, "rope_theta", default=None) or hf.get("rope_theta", 10000.0)
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    return ml_collections.ConfigDict(dict(
-        _runtime_fields(), d_model=d_model, n_layers=hf["num_hidden_layers"],
-        vocab_size=hf["vocab_size"], vocab_multiple=1, mixer_pattern=("attention",),
-        n_heads=n_heads, n_kv_heads=_get(hf, "num_key_value_heads", default=n_heads),
-        head_dim=_get(hf, "head_dim", default=d_model // n_heads), d_ff=hf["intermediate_size"],
-        rope_theta=float(theta), attn_bias=bool(hf.get("attention_bias")),
-        mlp_bias=bool(hf.get("mlp_bias")), tie_embeddings=bool(hf.get("tie_word_embeddings")),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_cache_len=hf.get("max_position_embeddings", 2048)))
+    shared = dict(d_model=d_model, n_layers=hf["num_hidden_layers"],
+                  vocab_size=hf["vocab_size"], vocab_multiple=1, d_ff=hf["intermediate_size"],
+                  mlp_bias=bool(hf.get("mlp_bias")),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings")),
+                  norm_eps=hf.get("rms_norm_eps", 1e-6))
+    return _model_config(shared, "attention", n_heads=n_heads,
+                         n_kv_heads=_get(hf, "num_key_value_heads", default=n_heads),
+                         head_dim=_get(hf, "head_dim", default=d_model // n_heads),
+                         rope_theta=float(theta), attn_bias=bool(hf.get("attention_bias")),
+                         max_cache_len=hf.get("max_position_embeddings", 2048))
+
+
+def _single_mixer(cfg):
+    """(kind, merged mixer config) of a model whose layers all use one mixer entry, else
+    (None, None)."""
+    from jaxmix.models import kind_of, layer_kinds, mixer_config
+    names = set(layer_kinds(cfg))
+    if len(names) != 1:
+        return None, None
+    name = names.pop()
+    return kind_of(cfg, name), mixer_config(cfg, name)
 
 
 def hf_config(cfg):
     """The HF config.json dict for a jaxmix model config (pure Mamba or pure Llama)."""
-    from jaxmix.models import layer_kinds, padded_vocab
-    kinds, vocab = set(layer_kinds(cfg)), padded_vocab(cfg)
+    from jaxmix.models import padded_vocab
+    kind, m = _single_mixer(cfg)
+    vocab = padded_vocab(cfg)
     common = dict(vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                   tie_word_embeddings=bool(cfg.get("tie_embeddings", True)), hidden_act="silu")
-    if kinds == {"mamba"} and not cfg.get("d_ff", 0):
+    if kind == "mamba" and not cfg.get("d_ff", 0):
+        from jaxmix.mixers.mamba import dt_rank_of
         return dict(common, architectures=["MambaForCausalLM"], model_type="mamba",
-                    state_size=cfg.d_state, expand=cfg.expand, conv_kernel=cfg.get("d_conv", 4),
-                    time_step_rank=_dt_rank(cfg), use_bias=bool(cfg.get("proj_bias", False)),
+                    state_size=m.d_state, expand=m.expand, conv_kernel=m.d_conv,
+                    time_step_rank=dt_rank_of(m), use_bias=bool(m.proj_bias),
                     use_conv_bias=True, layer_norm_epsilon=cfg.get("norm_eps", 1e-5),
                     residual_in_fp32=True)
-    if kinds == {"attention"} and cfg.get("d_ff", 0) and not cfg.get("sliding_window", 0):
+    if kind == "attention" and cfg.get("d_ff", 0) and not m.sliding_window:
         from jaxmix.mixers.attention import head_shape
-        hq, hkv, hd = head_shape(cfg, cfg.d_model)
-        theta = float(cfg.get("rope_theta", 10000.0))
+        hq, hkv, hd = head_shape(m)
+        theta = float(m.rope_theta)
         return dict(common, architectures=["LlamaForCausalLM"], model_type="llama",
                     intermediate_size=cfg.d_ff, num_attention_heads=hq, num_key_value_heads=hkv,
                     head_dim=hd, rms_norm_eps=cfg.get("norm_eps", 1e-5), rope_theta=theta,
                     rope_parameters={"rope_type": "default", "rope_theta": theta},
-                    attention_bias=bool(cfg.get("attn_bias", False)),
+                    attention_bias=bool(m.attn_bias),
                     mlp_bias=bool(cfg.get("mlp_bias", False)),
-                    max_position_embeddings=cfg.get("max_cache_len", 2048))
+                    max_position_embeddings=m.max_cache_len)
     raise ConfigError(f"hf.save: model.mixer_pattern={tuple(cfg.mixer_pattern)} with "
                       f"d_ff={cfg.get('d_ff', 0)} has no HF counterpart; save pure Mamba "
                       f"(d_ff=0) or pure attention (d_ff>0, no sliding_window) models")
-
-
-def _dt_rank(cfg):
-    from jaxmix.mixers.mamba import dt_rank_of
-    return dt_rank_of(cfg)
 
 
 # ----------------------------------------------------------------------------- name maps
 
 def mamba_names(cfg):
     """[(hf name, jaxmix path, layout)] for a Mamba LM."""
+    bias = _single_mixer(cfg)[1].proj_bias
     out = [("backbone.embeddings.weight", ("embed", "embedding"), COPY)]
     for i in range(cfg.n_layers):
         h, j = f"backbone.layers.{i}.", f"layers_{i}"
@@ -171,7 +188,7 @@ def mamba_names(cfg):
                 (m + "A_log", (j, "mixer", "A_log"), COPY),
                 (m + "D", (j, "mixer", "D"), COPY),
                 (m + "out_proj.weight", (j, "mixer", "out_proj"), LINEAR)]
-        if cfg.get("proj_bias", False):
+        if bias:
             out += [(m + "in_proj.bias", (j, "mixer", "in_proj_bias"), IN_BIAS),
                     (m + "out_proj.bias", (j, "mixer", "out_proj_bias"), COPY)]
     out.append(("backbone.norm_f.weight", ("norm_f", "scale"), COPY))
@@ -188,7 +205,7 @@ def llama_names(cfg):
         out += [(h + "input_layernorm.weight", (j, "norm", "scale"), COPY),
                 (h + "post_attention_layernorm.weight", (j, "mlp_norm", "scale"), COPY)]
         groups = [("self_attn", "mixer", ("q_proj", "k_proj", "v_proj", "o_proj"),
-                   cfg.get("attn_bias", False)),
+                   _single_mixer(cfg)[1].attn_bias),
                   ("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), cfg.get("mlp_bias", False))]
         for hf_mod, jx_mod, projs, bias in groups:
             for p in projs:
@@ -202,8 +219,7 @@ def llama_names(cfg):
 
 
 def names_of(cfg):
-    kinds = set(tuple(cfg.mixer_pattern))
-    return mamba_names(cfg) if kinds == {"mamba"} else llama_names(cfg)
+    return mamba_names(cfg) if _single_mixer(cfg)[0] == "mamba" else llama_names(cfg)
 
 
 # ----------------------------------------------------------------------------- file IO
@@ -292,7 +308,7 @@ def load(directory):
     else:
         cfg = mamba_config(hf) if arch == "mamba" else llama_config(hf)
     if arch != "llama":  # the weights decide (configs written by older versions omit it)
-        cfg.proj_bias = "backbone.layers.0.mixer.in_proj.bias" in state
+        cfg.mixers.mamba.proj_bias = "backbone.layers.0.mixer.in_proj.bias" in state
     params = {}
     for name, path, (to_jax, _) in names_of(cfg):
         if name not in state:
@@ -310,7 +326,8 @@ def load(directory):
 def save(directory, model_config, params):
     """Writes config.json and model.safetensors (float32) for HF `from_pretrained`."""
     from safetensors.numpy import save_file
-    cfg = ml_collections.FrozenConfigDict(model_config)
+    from jaxmix.models import normalize_config
+    cfg = ml_collections.FrozenConfigDict(normalize_config(model_config))
     config = hf_config(cfg)
     tensors = {}
     for name, path, (_, to_hf) in names_of(cfg):
@@ -320,38 +337,3 @@ def save(directory, model_config, params):
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-
-
-def is_workdir(path):
-    """A jaxmix workdir: config.json with a `model` section and a checkpoints folder."""
-    cfg_path = os.path.join(path, "config.json")
-    if not (os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(cfg_path)):
-        return False
-    with open(cfg_path) as f:
-        return "model" in json.load(f)
-
-
-def load_model_config(path):
-    """The jaxmix model config of an HF model directory or a jaxmix workdir."""
-    if is_workdir(path):
-        from jaxmix.generate import read_config
-        return read_config(path).model
-    return load(path)[0]
-
-
-def load_params(path, model_config=None):
-    """Params only, from an HF model directory or a jaxmix workdir (latest checkpoint).
-    With `model_config`, checks they fit that model (one-line error naming the param)."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"init_from={path!r} is not a directory; give an HF model "
-                          f"directory or a jaxmix workdir")
-    if is_workdir(path):
-        from jaxmix.generate import restore_params
-        params, _ = restore_params(os.path.join(path, "checkpoints"))
-    else:
-        params = load(path)[1]
-    if model_config is not None:
-        from jaxmix import models
-        from jaxmix.generate import check_params
-        check_params(models.build(model_config), params, f"init_from={path}")
-    return params

@@ -1,0 +1,186 @@
+"""Workdir I/O shared by training, conversion, generation and evaluation.
+
+A workdir holds config.json (the full run config) and checkpoints/<step>/ written by
+orbax: the TrainState under `state` and, for training runs, each process's data-iterator
+position under `data`.
+
+State (params, optimizer state, step) is saved with its shardings and restored into
+whatever shardings the current mesh wants, so a checkpoint written under one mesh or
+process count restores under another. The data iterator's state is saved per process
+(grain's handler); when the process count changed it cannot be used, and the caller
+re-positions the data by step instead.
+"""
+import json
+import logging
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxmix import models
+from jaxmix.errors import ConfigError
+
+log = logging.getLogger("jaxmix")
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def plain(tree):
+    """A config dict as JSON would give it back (tuples as lists, keys sorted)."""
+    return json.loads(json.dumps(tree, sort_keys=True, default=list))
+
+
+def write_config(config, workdir):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(json.dumps(plain(config.to_dict()), indent=2))
+
+
+def read_config(workdir):
+    """The run config of a workdir, its model section in the current layout
+    (models.normalize_config migrates configs written with flat mixer fields)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"--workdir {workdir}: no config.json there; point it at a "
+                          f"train.py or `python -m jaxmix.convert` workdir")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.model = models.normalize_config(config.model, where=f"{path}: model")
+    return config
+
+
+def is_workdir(path):
+    """A jaxmix workdir: config.json with a `model` section and a checkpoints folder."""
+    cfg_path = os.path.join(path, "config.json")
+    if not (os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(cfg_path)):
+        return False
+    with open(cfg_path) as f:
+        return "model" in json.load(f)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class _Snapshot:
+    """A data-iterator state captured at save time (saves may finish asynchronously)."""
+
+    def __init__(self, state):
+        self._state = json.dumps(state, indent=1).encode()
+
+    def get_state(self):
+        return self._state
+
+
+class Checkpointer:
+    def __init__(self, directory, keep=3, async_save=True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(
+            directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step, state, data_iter=None, force=False):
+        """Saves the state and, when given, the data iterator's position."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_Snapshot(data_iter.get_state()))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step, abstract_state, data_iter):
+        """(state, data_restored: bool). The state lands in abstract_state's shardings."""
+        state = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(
+                data=grain.checkpoint.CheckpointRestore(data_iter)))
+            return state, True
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            log.warning("data-iterator state not restored (%s); re-positioning by step",
+                        str(e).splitlines()[0])
+            return state, False
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(checkpoint_dir, step=None):
+    """(params, step): the params subtree only of the TrainState saved at `step`
+    (default: the latest), as host-local arrays on the default device."""
+    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ConfigError(f"{checkpoint_dir}: no checkpoint there yet; train first "
+                          f"(train.py saves every train.checkpoint_every steps)")
+    tree = manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          tree["params"])
+    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        {"params": target}, restore_args={"params": args}, partial_restore=True)))
+    manager.close()
+    return restored["state"]["params"], step
+
+
+def check_params(model, params, where):
+    """One-line error when `params` do not fit `model` (names or shapes)."""
+    import flax.linen as nn
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, 1), jnp.int32))["params"])
+    want = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    name = lambda path: "/".join(str(getattr(p, "key", p)) for p in path)
+    have = {name(p): v for p, v in got.items()}
+    for path, leaf in want:
+        if name(path) not in have:
+            raise ConfigError(f"{where}: param {name(path)} is missing; the checkpoint was "
+                              f"written for another model config")
+        if tuple(have[name(path)].shape) != tuple(leaf.shape):
+            raise ConfigError(f"{where}: param {name(path)} has shape "
+                              f"{tuple(have[name(path)].shape)}, the model wants "
+                              f"{tuple(leaf.shape)}")
+
+
+def load_workdir(workdir, step=None):
+    """(model, params, config) from a workdir: its config.json and the params of its
+    latest (or `step`'s) checkpoint; the optimizer state is not read."""
+    config = read_config(workdir)
+    model = models.build(config.model)
+    params, _ = restore_params(os.path.join(workdir, "checkpoints"), step)
+    check_params(model, params, f"--workdir {workdir}")
+    return model, params, config
+
+
+# ----------------------------------------------------------------------------- init_from
+
+def load_model_config(path):
+    """The jaxmix model config of an HF model directory or a jaxmix workdir."""
+    from jaxmix import hf
+    return read_config(path).model if is_workdir(path) else hf.load(path)[0]
+
+
+def load_params(path, model=None):
+    """Params only, from an HF model directory or a jaxmix workdir (latest checkpoint),
+    converted for `model` when given (a dense attention model's params for a MoH model,
+    say: `models.adapt_params`) and checked against it (one-line error naming the param)."""
+    from jaxmix import hf
+    if not os.path.isdir(path):
+        raise ConfigError(f"init_from={path!r} is not a directory; give an HF model "
+                          f"directory or a jaxmix workdir")
+    if is_workdir(path):
+        source_cfg = read_config(path).model
+        params, _ = restore_params(os.path.join(path, "checkpoints"))
+    else:
+        source_cfg, params = hf.load(path)
+    if model is not None:
+        params = models.adapt_params(params, source_cfg, model.cfg)
+        check_params(model, params, f"init_from={path}")
+    return params
