@@ -1,14 +1,17 @@
 """One decoded token of MoH attention vs dense multi-head attention over a long cache.
 
   python benchmarks/bench_moh_decode.py [--cache 8192] [--batch 1] [--heads 8]
-      [--head_dim 64] [--active 0.5,0.75] [--iters 50]
+      [--head_dim 64] [--active 0.5,0.75] [--impls xla,reference] [--iters 50]
 
 Both mixers have the same shapes and a KV cache filled with `--cache` tokens; the timed
 call is the jit'd mixer step for one new token (projections, the in-place cache write,
 attention, gates), with the cache donated as in generation's decode loop. MoH computes only the shared + top-k heads the token activates.
-One JSON line per mixer: median seconds per step and `ratio_to_dense` (the dense MHA
-step measured in the same run is the baseline), then the attention-only ratio: the same
-two steps minus a step with no attention (cache of 1 slot) of each.
+For each attention impl of the dense decode step (`attn_impl`: xla, the blocked path
+decoding uses by default, and reference, plain masked softmax; MoH's one-token step
+always runs its own gathered softmax over the active heads), one JSON line per mixer: median
+seconds per step and `ratio_to_dense` (the dense MHA step with the same impl, measured
+in the same run, is the baseline), and `attention_ratio_to_dense`: the same ratio after
+subtracting each mixer's step over a 1-slot cache (projections, routing, gates).
 """
 import argparse
 import json
@@ -27,10 +30,10 @@ from jaxmix.mixers.attention import Attention  # noqa: E402
 from jaxmix.mixers.moh import MoH  # noqa: E402
 
 
-def config(a, cache, **moh):
+def config(a, cache, impl, **moh):
     return ml_collections.FrozenConfigDict(dict(
         MoH.DEFAULTS, d_model=a.heads * a.head_dim, n_layers=1, dtype="float32",
-        n_heads=a.heads, n_kv_heads=a.heads, attn_impl="xla", max_cache_len=cache, **moh))
+        n_heads=a.heads, n_kv_heads=a.heads, attn_impl=impl, max_cache_len=cache, **moh))
 
 
 def seconds_per_step(module, params, cache, x, iters):
@@ -64,29 +67,31 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head_dim", type=int, default=64)
     ap.add_argument("--active", default="0.5,0.75", help="fractions of active heads")
+    ap.add_argument("--impls", default="xla,reference", help="attn_impl of the decode steps")
     ap.add_argument("--iters", type=int, default=50)
     a = ap.parse_args(argv)
     x = jax.random.normal(jax.random.PRNGKey(0), (a.batch, 1, a.heads * a.head_dim))
 
-    def timed(cls, cache_len, **moh):
-        m = cls(config(a, cache_len, **moh))
+    def timed(cls, cache_len, impl, **moh):
+        m = cls(config(a, cache_len, impl, **moh))
         params = m.init(jax.random.PRNGKey(0), x)["params"]
         return seconds_per_step(m, params, filled_cache(m, a.batch, cache_len), x, a.iters)
 
-    dense, dense_base = timed(Attention, a.cache), timed(Attention, 1)
     row = dict(bench="moh_decode", backend=jax.default_backend(), batch=a.batch,
                cache=a.cache, heads=a.heads, head_dim=a.head_dim)
-    print(json.dumps(dict(row, mixer="attention", active=1.0, seconds=dense,
-                          ratio_to_dense=1.0, attention_ratio_to_dense=1.0)), flush=True)
-    for frac in (float(f) for f in a.active.split(",")):
-        active = round(frac * a.heads)
-        shared = max(1, active // 2)
-        moh = dict(shared_heads=shared, top_k=active - shared)
-        sec, base = timed(MoH, a.cache, **moh), timed(MoH, 1, **moh)
-        print(json.dumps(dict(row, mixer="moh", active=active / a.heads, **moh, seconds=sec,
-                              ratio_to_dense=sec / dense,
-                              attention_ratio_to_dense=(sec - base) / (dense - dense_base))),
-              flush=True)
+    for impl in a.impls.split(","):
+        dense, dense_base = timed(Attention, a.cache, impl), timed(Attention, 1, impl)
+        print(json.dumps(dict(row, impl=impl, mixer="attention", active=1.0, seconds=dense,
+                              ratio_to_dense=1.0, attention_ratio_to_dense=1.0)), flush=True)
+        for frac in (float(f) for f in a.active.split(",")):
+            active = round(frac * a.heads)
+            shared = max(1, active // 2)
+            moh = dict(shared_heads=shared, top_k=active - shared)
+            sec, base = timed(MoH, a.cache, impl, **moh), timed(MoH, 1, impl, **moh)
+            print(json.dumps(dict(row, impl=impl, mixer="moh", active=active / a.heads, **moh,
+                                  seconds=sec, ratio_to_dense=sec / dense,
+                                  attention_ratio_to_dense=(sec - base) / (dense - dense_base))),
+                  flush=True)
 
 
 if __name__ == "__main__":

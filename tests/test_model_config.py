@@ -83,3 +83,21 @@ def test_moved_field_on_the_command_line_names_its_new_place():
     msg = train._unknown_override(["train.py", "--config", "configs/transformer_lm.py",
                                    "--config.model.mixers.moh.experts=3"])
     assert "model.mixers.moh has no field 'experts'" in msg
+
+
+def test_every_mixer_has_one_cache_protocol():
+    """init_cache(batch, max_len, dtype) for every registered mixer, and cache_axes()
+    names every axis of every cache array."""
+    from jaxmix import mixers
+    for kind in mixers.REGISTRY:
+        cfg = models.mixer_config(models.normalize_config(dict(
+            family="lm", d_model=D, n_layers=1, vocab_size=64, d_ff=0, mixer_pattern=(kind,),
+            mixers=models.default_mixers())), kind)
+        mixer = mixers.get(kind)(cfg)
+        cache = mixer.init_cache(2, 16, jnp.float32)
+        axes = mixer.cache_axes()
+        assert jax.tree.structure(cache) == jax.tree.structure(
+            axes, is_leaf=lambda x: isinstance(x, tuple)), kind
+        for array, names in zip(jax.tree.leaves(cache),
+                                jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+            assert array.ndim == len(names), (kind, array.shape, names)

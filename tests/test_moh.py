@@ -84,7 +84,7 @@ def test_load_balance_at_uniform_routing_and_its_gradient(gating, want):
 
     def lb(p):
         return MoH(cfg).apply({"params": p}, x)[2]["load_balance_loss"]
-    grads = jax.grad(lb)(params)
+    grads = jax.jit(jax.grad(lb))(params)
     assert float(jnp.abs(grads["router_routed"]["kernel"]).max()) > 0
 
 
@@ -162,7 +162,8 @@ def test_query_norm_router_converts_a_dense_model_exactly():
     assert set(init(MoH(cfg), x)) == set(dense)
     np.testing.assert_allclose(run(MoH(cfg), dense, x)[0], run(Attention(cfg), dense, x)[0],
                                atol=1e-6, rtol=0)
-    grads = jax.grad(lambda p: MoH(cfg).apply({"params": p}, x)[2]["load_balance_loss"])(dense)
+    grads = jax.jit(jax.grad(
+        lambda p: MoH(cfg).apply({"params": p}, x)[2]["load_balance_loss"]))(dense)
     assert float(jnp.abs(grads["q_proj"]["kernel"]).max()) > 0  # straight-through scores
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, devices_env, run_train
+from conftest import ROOT, devices_env, run_train, subprocess_env
 from jaxmix import data, models
 from jaxmix.data import synthetic
 from jaxmix.errors import ConfigError
@@ -229,7 +229,7 @@ def without_speed(rows_):
 
 
 @pytest.mark.slow
-def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path):
+def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path, capsys):
     a, c = tmp_path / "a", tmp_path / "c"
     proc = run_train(SMOKE + ["--config.train.steps=8"], a)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -244,7 +244,8 @@ def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path):
     # evaluate: both workdirs side by side, lengths the task fits, then bad input
     cmd = [sys.executable, "-m", "jaxmix.evaluate", "--workdir", str(a), "--workdir", str(c),
            "--lengths", "64,128", "--examples", "4", "--out", str(tmp_path / "eval")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["workdir"], r["length"]) for r in out] == [("a", 64), ("a", 128), ("c", 64),
@@ -253,13 +254,14 @@ def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path):
     assert out[0]["accuracy"] == out[2]["accuracy"]  # same params, same examples
     for suffix in ("jsonl", "md", "png"):
         assert (tmp_path / "eval" / f"eval_mqar.{suffix}").exists()
+    from jaxmix import evaluate  # the same CLI in-process: one error line, status 2
     for extra, needle in [(["--lengths", "32"], "--lengths=32 is too short for mqar"),
                           (["--lengths", ","], "--lengths: empty"),
                           (["--lengths", "64", "--task", "nope"], "--task: 'nope'")]:
-        bad = subprocess.run(cmd[:5] + extra, capture_output=True, text=True,
-                             cwd=ROOT, timeout=300)
-        assert bad.returncode == 2 and "Traceback" not in bad.stderr
-        assert bad.stderr.strip().splitlines()[-1].startswith(f"error: {needle}"), bad.stderr
+        assert evaluate.main(cmd[3:5] + extra) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith(f"error: {needle}"), err
 
 
 def test_evaluate_attention_over_budget_is_skipped_and_mamba_chunks_agree():

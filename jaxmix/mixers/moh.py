@@ -30,14 +30,14 @@ equal to top_k at uniform routing) or, with gating="paper", sum_i P_i f_i (Eq. 7
 
 Training and prefill compute every head (as the official code does) and weight them.
 A single decoded token computes only its active heads: their queries, and the cached
-keys/values of their KV heads, are gathered before the attention, so a step with half
-the heads active does about half the attention work.
+keys/values of their KV heads, are gathered before a plain fp32 softmax attention (any
+`attn_impl`), so a step with half the heads active does about half the attention work.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmix import ops
+from jaxmix.ops.attention import mask_of
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.attention import DEFAULTS as ATTENTION_DEFAULTS
 from jaxmix.mixers.attention import Attention, head_shape, rotary
@@ -131,28 +131,31 @@ class MoH(Attention):
 
     def attend_active(self, q_BHD, g_BH, top_idx_BK, cache):
         """One decoded token, its active heads only: [B, H, D] outputs, zero (and gate
-        0) for the heads it does not activate."""
-        cfg, dtype = self.cfg, compute_dtype(self.cfg)
+        0) for the heads it does not activate. The active heads' cached keys and values
+        are gathered head-major ([B, A, S, D], whole [S, D] slices) so the two products
+        need no transposes, and the softmax is taken in fp32."""
+        cfg = self.cfg
         bsz, hq, hd = q_BHD.shape
-        hkv = cache["k"].shape[2]
+        hkv, max_len = cache["k"].shape[2], cache["k"].shape[1]
         heads_BA = jnp.concatenate(
             [jnp.broadcast_to(jnp.arange(cfg.shared_heads), (bsz, cfg.shared_heads)),
              cfg.shared_heads + top_idx_BK], axis=-1).astype(jnp.int32)
+        rows_B1 = jnp.arange(bsz)[:, None]
         kv_BA = heads_BA // (hq // hkv)
-        q_B1AD = jnp.take_along_axis(q_BHD, heads_BA[..., None], axis=1)[:, None]
-        k_BSAD = jnp.take_along_axis(cache["k"], kv_BA[:, None, :, None], axis=2)
-        v_BSAD = jnp.take_along_axis(cache["v"], kv_BA[:, None, :, None], axis=2)
-        max_len = k_BSAD.shape[1]
+        k_BASD = cache["k"][rows_B1, :, kv_BA]  # advanced indices first: [B, A, S, D]
+        v_BASD = cache["v"][rows_B1, :, kv_BA]
+        q_BAD = q_BHD[rows_B1, heads_BA]
+        s_BAS = jnp.einsum("bad,basd->bas", q_BAD, k_BASD,
+                           preferred_element_type=jnp.float32) * hd ** -0.5
         q_pos = jnp.broadcast_to(cache["index"] - 1, (bsz, 1)).astype(jnp.int32)
         kv_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (bsz, max_len))
-        o_B1AD = ops.attention(q_B1AD, k_BSAD.astype(dtype), v_BSAD.astype(dtype), causal=True,
-                               sliding_window=cfg.sliding_window or None,
-                               impl="reference" if cfg.attn_impl == "reference" else "xla",
-                               q_positions=q_pos, kv_positions=kv_pos)
+        mask_B1S = mask_of(q_pos, kv_pos, None, None, True, cfg.sliding_window or None)
+        p_BAS = jax.nn.softmax(jnp.where(mask_B1S, s_BAS, -jnp.inf), axis=-1)
+        o_BAD = jnp.einsum("bas,basd->bad", p_BAS.astype(v_BASD.dtype), v_BASD,
+                           preferred_element_type=jnp.float32)
         g_BA = jnp.take_along_axis(g_BH, heads_BA, axis=1)
-        o_BAD = o_B1AD[:, 0] * g_BA[..., None].astype(o_B1AD.dtype)
-        rows = jnp.arange(bsz)[:, None]
-        return jnp.zeros((bsz, hq, hd), o_BAD.dtype).at[rows, heads_BA].set(o_BAD)
+        o_BAD = (o_BAD * g_BA[..., None]).astype(q_BHD.dtype)
+        return jnp.zeros((bsz, hq, hd), o_BAD.dtype).at[rows_B1, heads_BA].set(o_BAD)
 
     @nn.compact
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
