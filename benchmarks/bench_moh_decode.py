@@ -6,9 +6,9 @@
 Both mixers have the same shapes and a KV cache filled with `--cache` tokens; the timed
 call is the jit'd mixer step for one new token (projections, the in-place cache write,
 attention, gates), with the cache donated as in generation's decode loop. MoH computes only the shared + top-k heads the token activates.
-For each attention impl of the dense decode step (`attn_impl`: xla, the blocked path
-decoding uses by default, and reference, plain masked softmax; MoH's one-token step
-always runs its own gathered softmax over the active heads), one JSON line per mixer: median
+For each `attn_impl` (xla: a decoded token of either mixer runs ops.decode_attention,
+MoH's over its active heads only; reference: the dense step runs the masked-softmax
+oracle, MoH's the same decode_attention), one JSON line per mixer: median
 seconds per step and `ratio_to_dense` (the dense MHA step with the same impl, measured
 in the same run, is the baseline), and `attention_ratio_to_dense`: the same ratio after
 subtracting each mixer's step over a 1-slot cache (projections, routing, gates).

@@ -176,11 +176,10 @@ def load_params(path, model=None):
         raise ConfigError(f"init_from={path!r} is not a directory; give an HF model "
                           f"directory or a jaxmix workdir")
     if is_workdir(path):
-        source_cfg = read_config(path).model
         params, _ = restore_params(os.path.join(path, "checkpoints"))
     else:
-        source_cfg, params = hf.load(path)
+        params = hf.load(path)[1]
     if model is not None:
-        params = models.adapt_params(params, source_cfg, model.cfg)
+        params = models.adapt_params(params, model.cfg)
         check_params(model, params, f"init_from={path}")
     return params

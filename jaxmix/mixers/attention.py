@@ -10,7 +10,9 @@ Decoding (`decode=True`) uses a preallocated cache (`init_cache`)
   {"k": [B, max_len, Hkv, D], "v": [B, max_len, Hkv, D], "index": int32 scalar}:
 the new keys/values are written at `index`, queries sit at positions
 index + arange(L) and attend (causally, by position) over the filled part; the
-returned cache has index + L. Without a cache one is allocated with
+returned cache has index + L; a single new token attends with a plain fp32 softmax
+(`ops.decode_attention`), longer chunks with the blocked path. Without a cache one is
+allocated with
 max_len = cfg.max_cache_len. Writing past max_len is not checked inside jit
 (dynamic_update_slice clamps): size the cache for the whole sequence. Segment ids are
 ignored while decoding.
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix import ops, parallel
+from jaxmix.ops.attention import mask_of
 from jaxmix.errors import ConfigError
 from jaxmix.nn import DenseGeneral, compute_dtype, constrain, scaled_init, torch_linear_init
 
@@ -107,11 +110,17 @@ class Attention(nn.Module):
                 sliding_window=window, impl=cfg.attn_impl, layout=cfg.ring_layout)
             return constrain(o_BLHD, ("batch", "length", "heads", "kv")), None
         new_cache = self.write_cache(cache, k_BLKD, v_BLKD)
-        bsz, max_len = q_BLHD.shape[0], new_cache["k"].shape[1]
+        bsz, length, hq, hd = q_BLHD.shape
+        max_len, hkv = new_cache["k"].shape[1:3]
         kv_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (bsz, max_len))
-        o_BLHD = ops.attention(q_BLHD, new_cache["k"].astype(dtype),
-                               new_cache["v"].astype(dtype), causal=True,
-                               sliding_window=window,
+        k_all, v_all = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+        if length == 1 and cfg.attn_impl != "reference":  # one token: a plain softmax
+            mask_BS = mask_of(q_pos_BL, kv_pos, None, None, True, window)[:, 0]
+            o = ops.decode_attention(q_BLHD.reshape(bsz, hkv, hq // hkv, hd),
+                                     k_all.transpose(0, 2, 1, 3), v_all.transpose(0, 2, 1, 3),
+                                     mask_BS)
+            return o.reshape(bsz, 1, hq, hd), new_cache
+        o_BLHD = ops.attention(q_BLHD, k_all, v_all, causal=True, sliding_window=window,
                                impl="reference" if cfg.attn_impl == "reference" else "xla",
                                q_positions=q_pos_BL, kv_positions=kv_pos)
         return o_BLHD, new_cache

@@ -30,13 +30,15 @@ equal to top_k at uniform routing) or, with gating="paper", sum_i P_i f_i (Eq. 7
 
 Training and prefill compute every head (as the official code does) and weight them.
 A single decoded token computes only its active heads: their queries, and the cached
-keys/values of their KV heads, are gathered before a plain fp32 softmax attention (any
-`attn_impl`), so a step with half the heads active does about half the attention work.
+keys/values of their KV heads, are gathered for the plain fp32 softmax that decodes one
+token (`ops.decode_attention`, as dense attention uses), so a step with half the heads
+active does about half the attention work.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmix import ops
 from jaxmix.ops.attention import mask_of
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.attention import DEFAULTS as ATTENTION_DEFAULTS
@@ -132,8 +134,8 @@ class MoH(Attention):
     def attend_active(self, q_BHD, g_BH, top_idx_BK, cache):
         """One decoded token, its active heads only: [B, H, D] outputs, zero (and gate
         0) for the heads it does not activate. The active heads' cached keys and values
-        are gathered head-major ([B, A, S, D], whole [S, D] slices) so the two products
-        need no transposes, and the softmax is taken in fp32."""
+        are gathered head-major ([B, A, S, D], whole [S, D] slices) for
+        ops.decode_attention (each active head as its own KV head)."""
         cfg = self.cfg
         bsz, hq, hd = q_BHD.shape
         hkv, max_len = cache["k"].shape[2], cache["k"].shape[1]
@@ -144,17 +146,13 @@ class MoH(Attention):
         kv_BA = heads_BA // (hq // hkv)
         k_BASD = cache["k"][rows_B1, :, kv_BA]  # advanced indices first: [B, A, S, D]
         v_BASD = cache["v"][rows_B1, :, kv_BA]
-        q_BAD = q_BHD[rows_B1, heads_BA]
-        s_BAS = jnp.einsum("bad,basd->bas", q_BAD, k_BASD,
-                           preferred_element_type=jnp.float32) * hd ** -0.5
+        q_BA1D = q_BHD[rows_B1, heads_BA][:, :, None]
         q_pos = jnp.broadcast_to(cache["index"] - 1, (bsz, 1)).astype(jnp.int32)
         kv_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (bsz, max_len))
-        mask_B1S = mask_of(q_pos, kv_pos, None, None, True, cfg.sliding_window or None)
-        p_BAS = jax.nn.softmax(jnp.where(mask_B1S, s_BAS, -jnp.inf), axis=-1)
-        o_BAD = jnp.einsum("bas,basd->bad", p_BAS.astype(v_BASD.dtype), v_BASD,
-                           preferred_element_type=jnp.float32)
+        mask_BS = mask_of(q_pos, kv_pos, None, None, True, cfg.sliding_window or None)[:, 0]
+        o_BAD = ops.decode_attention(q_BA1D, k_BASD, v_BASD, mask_BS)[:, :, 0]
         g_BA = jnp.take_along_axis(g_BH, heads_BA, axis=1)
-        o_BAD = (o_BAD * g_BA[..., None]).astype(q_BHD.dtype)
+        o_BAD = o_BAD * g_BA[..., None].astype(o_BAD.dtype)
         return jnp.zeros((bsz, hq, hd), o_BAD.dtype).at[rows_B1, heads_BA].set(o_BAD)
 
     @nn.compact

@@ -25,34 +25,32 @@ def build(model_config):
     return FAMILIES[family](cfg)
 
 
-def adapt_params(params, source_config, target_config):
-    """`params` of a model built from `source_config`, made to fit `target_config`: a
-    layer whose mixer class takes over another's weights (MoH from attention: the same
-    q/k/v/o projections) gets the parameters its class adds zero-initialised
-    (`ZERO_PARAMS`: learned routers start uniform). Anything else is left to
-    workdir.check_params to name."""
-    source = normalize_config(source_config)
+def adapt_params(params, target_config):
+    """`params` of some model (a checkpoint's), made to fit `target_config`: each
+    layer whose mixer class lists `ZERO_PARAMS` (weights another mixer's layer lacks:
+    MoH's routers, next to the q/k/v/o projections it shares with attention) gets those
+    it misses as zeros (learned routers start uniform). Anything else that does not
+    fit is left to workdir.check_params to name."""
+    import flax.linen as nn
     target = ml_collections.FrozenConfigDict(normalize_config(target_config))
-    src_kinds = [kind_of(source, n) for n in layer_kinds(source)]
-    out = jax.tree.map(lambda x: x, dict(params))
-    abstract = None
-    for i, (_, cls, _) in enumerate(layer_mixers(target)):
-        zero = getattr(cls, "ZERO_PARAMS", ())
+    zero = {i: cls.ZERO_PARAMS for i, (_, cls, _) in enumerate(layer_mixers(target))
+            if getattr(cls, "ZERO_PARAMS", ())}
+    if not zero:
+        return params
+    model = LM(target)
+    abstract = nn.unbox(jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    out = dict(params)
+    for i, names in zero.items():
         layer = dict(out.get(f"layers_{i}", {}))
-        if not zero or i >= len(src_kinds) or "mixer" not in layer:
+        if "mixer" not in layer:
             continue
-        if abstract is None:
-            import flax.linen as nn
-            model = LM(target)
-            abstract = nn.unbox(jax.eval_shape(lambda: model.init(
-                jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]))
         mixer = dict(layer["mixer"])
-        for name in zero:
+        for name in names:
             want = abstract[f"layers_{i}"]["mixer"].get(name)
             if want is not None and name not in mixer:
                 mixer[name] = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), want)
-        layer["mixer"] = mixer
-        out[f"layers_{i}"] = layer
+        out[f"layers_{i}"] = dict(layer, mixer=mixer)
     return out
 
 

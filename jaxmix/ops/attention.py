@@ -149,6 +149,21 @@ def choose_impl(impl, q, k, *, causal=False, segment_ids=None, q_positions=None,
     return resolved
 
 
+def decode_attention(q_BKGD, k_BKSD, v_BKSD, mask_BS, scale=None):
+    """One query per query head over a cache, head-major: q [B, Hkv, G, D] (G query
+    heads share each KV head), k / v [B, Hkv, S, D], mask [B, S] (True: visible) ->
+    [B, Hkv, G, D] in q's dtype. A plain masked softmax with fp32 scores and
+    accumulation: for a single decoded token the [B, H, S] scores are small, and the
+    blocked path's tiling only adds copies."""
+    scale = q_BKGD.shape[-1] ** -0.5 if scale is None else scale
+    s = jnp.einsum("bkgd,bksd->bkgs", q_BKGD, k_BKSD,
+                   preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(jnp.where(mask_BS[:, None, None, :], s, -jnp.inf), axis=-1)
+    o = jnp.einsum("bkgs,bksd->bkgd", p.astype(v_BKSD.dtype), v_BKSD,
+                   preferred_element_type=jnp.float32)
+    return o.astype(q_BKGD.dtype)
+
+
 def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, scale=None,
               impl="auto", return_lse=False, q_positions=None, kv_positions=None):
     """Attention over q [B, L, Hq, D], k/v [B, S, Hkv, D] -> out [B, L, Hq, D].
