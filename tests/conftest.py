@@ -10,10 +10,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 
-# Test subprocesses compile many small programs: with XLA:CPU's backend (LLVM)
+# Tests compile many small programs: with XLA:CPU's backend (LLVM)
 # optimisations off, compiling costs about 40% less CPU. Buffer assignment and the HLO
 # are unchanged, and every comparison runs both of its sides under the same flags.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+# The tests' own processes compile the same way (set here, before JAX starts its CPU
+# backend): about a third less time for a suite that mostly compiles small programs.
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 def devices_env(n):
@@ -43,3 +48,19 @@ def run_train(args, workdir, env_extra=None, timeout=600):
 def smoke_config():
     import mamba_lm
     return mamba_lm.get_config("smoke")
+
+
+def assert_decode_matches_forward(mixer, params, x_BLD, cache, prefill, atol=1e-5):
+    """A mixer's cached decoding (a `prefill`-token prompt, then one token at a time from
+    `cache`) gives its full forward pass's outputs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    full = jax.jit(lambda p, x: mixer.apply({"params": p}, x)[0])(params, x_BLD)
+    step = jax.jit(lambda p, x, c: mixer.apply({"params": p}, x, decode=True, cache=c)[:2])
+    y, cache = step(params, x_BLD[:, :prefill], cache)
+    outs = [y]
+    for t in range(prefill, x_BLD.shape[1]):
+        y, cache = step(params, x_BLD[:, t:t + 1], cache)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=atol, rtol=0)

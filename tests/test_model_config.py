@@ -101,3 +101,19 @@ def test_every_mixer_has_one_cache_protocol():
         for array, names in zip(jax.tree.leaves(cache),
                                 jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
             assert array.ndim == len(names), (kind, array.shape, names)
+
+
+def test_unused_entries_and_later_defaults_do_not_block_a_resume(tmp_path):
+    """A workdir written before a mixer was registered (no entry for it), or before a
+    field was added to an entry (its default now), resumes; a changed field does not."""
+    import ml_collections
+    cfg = models.normalize_config(FLAT)
+    old = cfg.to_dict()
+    del old["mixers"]["attention"]["rope_theta"]  # absent: its default, as now
+    (tmp_path / "config.json").write_text(json.dumps({"model": old}, default=list))
+    config = ml_collections.ConfigDict({"model": cfg.to_dict()})
+    config.model.mixers.unused = dict(kind="moh")  # an entry the pattern does not use
+    validate.check_workdir(config, str(tmp_path), has_checkpoints=True)
+    config.model.mixers.attention.rope_theta = 500000.0
+    with pytest.raises(ConfigError, match="rope_theta: 10000.0 in the workdir, 500000.0"):
+        validate.check_workdir(config, str(tmp_path), has_checkpoints=True)

@@ -6,6 +6,7 @@ import ml_collections
 from jax.extend import core as jex_core
 import numpy as np
 import pytest
+from conftest import assert_decode_matches_forward
 
 from jaxmix import models
 from jaxmix.errors import ConfigError
@@ -116,15 +117,8 @@ def test_cached_decoding_equals_full_forward(kw):
     x = inputs(2)
     m = MoH(cfg)
     params = init(m, x)
-    full = run(m, params, x)[0]
-    step = jax.jit(lambda p, x, c: m.apply({"params": p}, x, decode=True, cache=c))
     cache = m.init_cache(B, cfg.max_cache_len, jnp.float32)
-    y, cache, _ = step(params, x[:, :5], cache)
-    outs = [y]
-    for t in range(5, L):
-        y, cache, _ = step(params, x[:, t:t + 1], cache)
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
+    assert_decode_matches_forward(m, params, x, cache, prefill=5)
 
 
 def dot_shapes(jaxpr):

@@ -34,11 +34,18 @@ CONFIGS = {
 }
 
 
+# The default run covers FSDP with data and with tensor parallelism; pure data
+# parallelism and (2, 2, 2) run in the exhaustive grid (and in test_kernel_sharding).
+MESH_SETS = [pytest.param(MESHES[1::2], id="fsdp"),
+             pytest.param(MESHES[0::2], id="data-tensor", marks=pytest.mark.exhaustive)]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("meshes", MESH_SETS)
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_meshes_match_single_device(family):
+def test_meshes_match_single_device(family, meshes):
     config, overrides = CONFIGS[family]
-    spec = {"config": config, "overrides": overrides, "meshes": [[]] + MESHES, "steps": 10}
+    spec = {"config": config, "overrides": overrides, "meshes": [[]] + meshes, "steps": 10}
     rows = worker("sharded_losses.py", json.dumps(spec))
     single = rows[0]["losses"]
     for row in rows[1:]:

@@ -22,6 +22,8 @@ REGISTRY = {
     "mamba": "jaxmix.mixers.mamba:Mamba",
     "attention": "jaxmix.mixers.attention:Attention",
     "moh": "jaxmix.mixers.moh:MoH",
+    "gdn": "jaxmix.mixers.gdn:GatedDeltaNet",
+    "mom": "jaxmix.mixers.mom:MoM",
 }
 
 

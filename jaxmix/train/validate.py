@@ -2,6 +2,7 @@
 import json
 import os
 
+from jaxmix import mixers
 from jaxmix.errors import ConfigError
 from jaxmix.models import normalize_config
 from jaxmix.workdir import plain
@@ -59,10 +60,21 @@ _RUNTIME_FIELDS = ("scan_impl", "attn_impl", "remat", "dtype", "aux_weight")
 
 
 def _without_runtime(model):
+    """The fields that decide the parameters: runtime fields dropped, and only the mixer
+    entries the pattern uses (an unused entry, or a newly registered mixer's default
+    entry, changes nothing)."""
     model = {k: v for k, v in model.items() if k not in _RUNTIME_FIELDS}
-    model["mixers"] = {name: {k: v for k, v in entry.items() if k not in _RUNTIME_FIELDS}
-                       for name, entry in model.get("mixers", {}).items()}
+    used = set(model.get("mixer_pattern", ()))
+    model["mixers"] = {name: {k: v for k, v in _with_defaults(name, entry).items()
+                              if k not in _RUNTIME_FIELDS}
+                       for name, entry in model.get("mixers", {}).items() if name in used}
     return model
+
+
+def _with_defaults(name, entry):
+    """An entry as its mixer sees it: its class's DEFAULTS under its own fields (a field
+    added to a mixer later reads as its default in older workdirs)."""
+    return plain({**mixers.get(entry.get("kind", name)).DEFAULTS, **entry})
 
 
 def check_workdir(config, workdir, has_checkpoints):

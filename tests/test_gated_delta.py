@@ -1,0 +1,121 @@
+"""ops.gated_delta_rule: the chunked xla form against the token-by-token recurrence."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmix import ops
+from jaxmix.errors import ConfigError
+from jaxmix.ops.gated_delta import gated_delta_rule_reference, gated_delta_rule_xla
+
+FWD, GRAD = 1e-5, 1e-4
+
+
+def inputs(b, length, h, d_k, d_v, seed=0, with_state=False):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (b, length, h, d_k))
+    k = jax.random.normal(ks[1], (b, length, h, d_k))
+    v = jax.random.normal(ks[2], (b, length, h, d_v))
+    g = -jax.nn.softplus(jax.random.normal(ks[3], (b, length, h)))   # log decay <= 0
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (b, length, h)))
+    state = jax.random.normal(ks[5], (b, h, d_k, d_v)) if with_state else None
+    return (q, k, v, g, beta), state
+
+
+def segments(b, length, seed=1):
+    """Packed documents: ids increase at 3 random cuts per row."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((b, length), np.int32)
+    for row in range(b):
+        for cut in rng.choice(np.arange(1, max(length, 2)), size=min(3, length - 1),
+                              replace=False) if length > 1 else []:
+            ids[row, cut:] += 1
+    return jnp.asarray(ids)
+
+
+def rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def check(b, length, h, d_k, d_v, chunk, with_state, with_segments):
+    args, state = inputs(b, length, h, d_k, d_v, with_state=with_state)
+    seg = segments(b, length) if with_segments else None
+    probe = jax.random.normal(jax.random.PRNGKey(9), (b, length, h, d_v))
+    s_probe = jax.random.normal(jax.random.PRNGKey(10), (b, h, d_k, d_v))
+
+    def run(fn):
+        def loss(args, state):
+            o, s = fn(*args, initial_state=state, segment_ids=seg)
+            return jnp.sum(o * probe) + jnp.sum(s * s_probe), (o, s)
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+            args, state)
+        return out, grads
+
+    want, want_g = run(gated_delta_rule_reference)
+    got, got_g = run(lambda *a, **kw: gated_delta_rule_xla(*a, chunk_size=chunk, **kw))
+    for name, x, y in zip(("o", "state"), got, want):
+        assert rel(x, y) < FWD, (name, rel(x, y))
+    for i, (x, y) in enumerate(zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g))):
+        assert rel(x, y) < GRAD, (i, rel(x, y))
+
+
+# A covering subset: every length, head count, head dims, chunk remainder, initial state
+# and segment case appears at least once.
+CASES = [  # (B, L, H, d_k, d_v, chunk, initial state, segment ids)
+    (1, 1, 1, 16, 16, 16, False, False),
+    (2, 63, 4, 16, 16, 16, True, True),
+    (1, 64, 1, 64, 128, 16, False, True),
+    (2, 200, 4, 16, 16, 48, True, False),
+    (1, 1024, 1, 16, 16, 64, True, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_xla_matches_reference(case):
+    check(*case)
+
+
+GRID = list(itertools.product((1, 2), (1, 63, 64, 200, 1024), (1, 4), ((16, 16), (64, 128)),
+                              (16, 48), (False, True), (False, True)))
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("case", GRID, ids=[str(c) for c in GRID])
+def test_xla_matches_reference_grid(case):
+    b, length, h, (d_k, d_v), chunk, with_state, with_segments = case
+    check(b, length, h, d_k, d_v, chunk, with_state, with_segments)
+
+
+def test_segments_reset_the_state():
+    """A segment start forgets everything before it: the second document's outputs are
+    those of running it alone."""
+    (q, k, v, g, beta), _ = inputs(1, 40, 2, 16, 16)
+    seg = jnp.asarray([[0] * 15 + [1] * 25])
+    o, _ = ops.gated_delta_rule(q, k, v, g, beta, segment_ids=seg, chunk_size=16)
+    alone, _ = ops.gated_delta_rule(q[:, 15:], k[:, 15:], v[:, 15:], g[:, 15:],
+                                    beta[:, 15:], chunk_size=16)
+    np.testing.assert_allclose(o[:, 15:], alone, atol=1e-5, rtol=0)
+
+
+def test_final_state_continues_the_sequence():
+    """Two halves with the state handed over equal one pass."""
+    (q, k, v, g, beta), _ = inputs(2, 50, 2, 16, 32)
+    full, s_full = ops.gated_delta_rule(q, k, v, g, beta, chunk_size=16)
+    a, s_a = ops.gated_delta_rule(q[:, :20], k[:, :20], v[:, :20], g[:, :20], beta[:, :20])
+    b, s_b = ops.gated_delta_rule(q[:, 20:], k[:, 20:], v[:, 20:], g[:, 20:], beta[:, 20:],
+                                  initial_state=s_a)
+    np.testing.assert_allclose(jnp.concatenate([a, b], 1), full, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(s_b, s_full, atol=1e-5, rtol=0)
+
+
+def test_bad_shapes_and_impl():
+    (q, k, v, g, beta), _ = inputs(1, 8, 2, 16, 16)
+    with pytest.raises(ConfigError, match="g .* and beta"):
+        ops.gated_delta_rule(q, k, v, g[..., :1], beta)
+    with pytest.raises(ConfigError, match="initial_state"):
+        ops.gated_delta_rule(q, k, v, g, beta, initial_state=jnp.zeros((1, 2, 16, 8)))
+    with pytest.raises(ValueError, match="impl='nope'"):
+        ops.gated_delta_rule(q, k, v, g, beta, impl="nope")
