@@ -61,3 +61,16 @@ def test_bad_head_dims(fields, needle):
     with pytest.raises(ConfigError, match=needle):
         models.build(dict(family="lm", d_model=D, n_layers=1, vocab_size=64, d_ff=0,
                           mixer_pattern=("gdn",), mixers=c))
+
+
+def test_several_cpu_devices_stop_with_one_line():
+    import types
+
+    import mom_lm
+    from jaxmix.train import validate
+    device = types.SimpleNamespace(platform="cpu")
+    mesh = types.SimpleNamespace(devices=np.asarray([device, device]),
+                                 shape={"data": 2, "fsdp": 1, "tensor": 1, "sequence": 1})
+    for preset in ("default", "gdn"):
+        with pytest.raises(ConfigError, match="train on one CPU device only"):
+            validate.check_mesh(mom_lm.get_config(preset), mesh, 1)
