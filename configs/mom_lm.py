@@ -36,9 +36,7 @@ def base_config():
     c.model.update(mixer_pattern=("mom",), d_model=256, n_layers=4, d_ff=512)
     set_memory_heads(c, n_heads=2, head_dim=64)
     c.model.mixers.mom.update(n_memories=4, top_k=2, shared_memory=True, aux_weight=0.01)
-    # One CPU device: the delta-rule layers' train step does not yet run on several
-    # (jaxmix.train.validate.ONE_CPU_DEVICE_ONLY).
-    c.train.update(learning_rate=2e-3, cpu_devices=1)
+    c.train.update(learning_rate=2e-3)
     return c
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxmix import ops
 from jaxmix.errors import ConfigError
-from jaxmix.ops.gated_delta import gated_delta_rule_reference, gated_delta_rule_xla
+from jaxmix.ops.gated_delta import gated_delta_rule_reference
 
 FWD, GRAD = 1e-5, 1e-4
 
@@ -40,7 +40,7 @@ def rel(got, want):
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
-def check(b, length, h, d_k, d_v, chunk, with_state, with_segments):
+def check(b, length, h, d_k, d_v, chunk, with_state, with_segments, impl="xla"):
     args, state = inputs(b, length, h, d_k, d_v, with_state=with_state)
     seg = segments(b, length) if with_segments else None
     probe = jax.random.normal(jax.random.PRNGKey(9), (b, length, h, d_v))
@@ -55,7 +55,8 @@ def check(b, length, h, d_k, d_v, chunk, with_state, with_segments):
         return out, grads
 
     want, want_g = run(gated_delta_rule_reference)
-    got, got_g = run(lambda *a, **kw: gated_delta_rule_xla(*a, chunk_size=chunk, **kw))
+    got, got_g = run(lambda *a, **kw: ops.gated_delta_rule(*a, chunk_size=chunk, impl=impl,
+                                                           **kw))
     for name, x, y in zip(("o", "state"), got, want):
         assert rel(x, y) < FWD, (name, rel(x, y))
     for i, (x, y) in enumerate(zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g))):
@@ -73,9 +74,10 @@ CASES = [  # (B, L, H, d_k, d_v, chunk, initial state, segment ids)
 ]
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_xla_matches_reference(case):
-    check(*case)
+def test_matches_reference(case, impl):
+    check(*case, impl=impl)
 
 
 GRID = list(itertools.product((1, 2), (1, 63, 64, 200, 1024), (1, 4), ((16, 16), (64, 128)),
@@ -83,10 +85,11 @@ GRID = list(itertools.product((1, 2), (1, 63, 64, 200, 1024), (1, 4), ((16, 16),
 
 
 @pytest.mark.exhaustive
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("case", GRID, ids=[str(c) for c in GRID])
-def test_xla_matches_reference_grid(case):
+def test_matches_reference_grid(case, impl):
     b, length, h, (d_k, d_v), chunk, with_state, with_segments = case
-    check(b, length, h, d_k, d_v, chunk, with_state, with_segments)
+    check(b, length, h, d_k, d_v, chunk, with_state, with_segments, impl=impl)
 
 
 def test_segments_reset_the_state():
@@ -119,3 +122,22 @@ def test_bad_shapes_and_impl():
         ops.gated_delta_rule(q, k, v, g, beta, initial_state=jnp.zeros((1, 2, 16, 8)))
     with pytest.raises(ValueError, match="impl='nope'"):
         ops.gated_delta_rule(q, k, v, g, beta, impl="nope")
+    for chunk in (12, 4):
+        with pytest.raises(ConfigError, match=f"chunk_size={chunk} must be a positive "
+                                              "multiple of 8 for impl='pallas'"):
+            ops.gated_delta_rule(q, k, v, g, beta, impl="pallas", chunk_size=chunk)
+
+
+def test_xla_fwd_bwd_keeps_no_per_token_state():
+    """Compiled temp memory of the chunked form's fwd+bwd stays under one
+    [B, L, H, d_k, d_v] fp32 array (the reference's autodiff needs several)."""
+    (q, k, v, g, beta), _ = inputs(1, 2048, 2, 64, 64)
+    one_array = 1 * 2048 * 2 * 64 * 64 * 4
+
+    def temp(impl):
+        loss = lambda q, k, v: sum(jnp.sum(x) for x in ops.gated_delta_rule(
+            q, k, v, g, beta, impl=impl))
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp("xla") < one_array / 4 < one_array < temp("reference")

@@ -54,23 +54,13 @@ def test_lm_with_gdn_layers_and_a_segment_reset_in_the_state():
 @pytest.mark.parametrize("fields, needle", [
     (dict(n_heads=3), "n_heads=3 does not divide d_model=32"),
     (dict(expand_v=0.3), "is not a positive whole number"),
+    (dict(delta_impl="pallas", chunk_size=12), "chunk_size=12 must be a multiple of 8 with "
+                                               "delta_impl='pallas'"),
+    (dict(delta_impl="triton"), "delta_impl='triton': use one of"),
 ])
-def test_bad_head_dims(fields, needle):
+def test_bad_config(fields, needle):
     c = models.default_mixers()
     c["gdn"].update(fields)
     with pytest.raises(ConfigError, match=needle):
         models.build(dict(family="lm", d_model=D, n_layers=1, vocab_size=64, d_ff=0,
                           mixer_pattern=("gdn",), mixers=c))
-
-
-def test_several_cpu_devices_stop_with_one_line():
-    import types
-
-    import mom_lm
-    from jaxmix.train import validate
-    device = types.SimpleNamespace(platform="cpu")
-    mesh = types.SimpleNamespace(devices=np.asarray([device, device]),
-                                 shape={"data": 2, "fsdp": 1, "tensor": 1, "sequence": 1})
-    for preset in ("default", "gdn"):
-        with pytest.raises(ConfigError, match="train on one CPU device only"):
-            validate.check_mesh(mom_lm.get_config(preset), mesh, 1)

@@ -153,9 +153,11 @@ def test_process_count_must_divide_batch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["configs/mamba_lm.py:smoke", "configs/transformer_lm.py:hybrid"])
+@pytest.mark.parametrize("config", ["configs/mamba_lm.py:smoke", "configs/transformer_lm.py:hybrid",
+                                    "configs/mom_lm.py:smoke"])
 def test_sequence_parallel_train_step_matches_single_device(config):
-    """mesh.sequence=4 (ring attention, sequence-parallel scan) gives the sequence=1 losses."""
+    """mesh (data 2, sequence 4) (ring attention, sequence-parallel scan and delta rule)
+    gives the one-device losses."""
     overrides = {"train.batch_size": 2, "train.seq_len": 64}
     if "hybrid" in config:
         overrides.update({"model.d_model": 32, "model.mixers.attention.n_heads": 4,

@@ -130,6 +130,19 @@ def test_pipeline_processes_and_resume():
     assert len(val) == 2 and val[0]["loss_mask"].sum() == 4 * 16
 
 
+def test_length_warmup_batches_and_seek():
+    config = run_config()
+    config.data.synthetic.update(n_pairs=8, warmup_len=32, warmup_steps=2)
+    pipe = data.build(config)
+    shapes = [next(pipe.train_iter)["tokens"].shape for _ in range(4)]
+    assert shapes == [(4, 33), (4, 33), (4, 65), (4, 65)]
+    for step, rows_ in [(1, 33), (2, 65)]:  # a resumed run sees the same lengths
+        batch = next(data.build(config).seek(step))
+        assert batch["tokens"].shape == (4, rows_)
+        assert batch["loss_mask"].shape == (4, rows_ - 1) and batch["loss_mask"].sum() == 32
+    assert pipe.val_batches()[0]["tokens"].shape == (4, 65)  # validation at seq_len
+
+
 def test_loss_mask_reaches_the_loss():
     config = run_config()
     model = models.build(config.model)
@@ -191,12 +204,18 @@ def test_masked_loss_on_the_flat_data_parallel_path(tmp_path):
     ("--config.data.source=synthetic:nope", "unknown synthetic task 'nope'"),
     ("--config.train.seq_len=60", "train.seq_len=60 is too short for mqar"),
     ("--config.model.vocab_size=20", "model.vocab_size=20"),
+    ("--config.data.synthetic.warmup_len=32", "warmup_len=32 must lie between 64"),
+    ("--config.data.synthetic.warmup_len=128", "warmup_len=128 must lie between 64"),
+    ("--config.data.synthetic.warmup_steps=-1", "warmup_steps=-1 must be >= 0"),
 ])
 def test_config_errors(override, needle):
     c = run_config()
     key, value = override[len("--config."):].split("=")
-    section, field = key.split(".", 1)
-    c[section][field] = int(value) if value.isdigit() else value
+    *path, field = key.split(".")
+    section = c
+    for part in path:
+        section = section[part]
+    section[field] = int(value) if value.lstrip("-").isdigit() else value
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         data.build(c)
 
@@ -216,7 +235,8 @@ SMOKE = ["--config", "configs/synthetic.py:mqar", "--config.train.batch_size=4",
          "--config.train.seq_len=64", "--config.train.eval_batches=1",
          "--config.train.log_every=2", "--config.train.eval_every=4",
          "--config.train.checkpoint_every=4", "--config.train.decay_steps=8",
-         "--config.model.d_model=32"]
+         "--config.model.d_model=32", "--config.data.synthetic.n_pairs=8",
+         "--config.data.synthetic.warmup_len=32", "--config.data.synthetic.warmup_steps=6"]
 
 
 def rows(workdir):
@@ -239,7 +259,9 @@ def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path, capsys):
     second = run_train(SMOKE + ["--config.train.steps=8"], c)
     assert second.returncode == 0 and "resumed from step 4" in second.stderr
     # c's first 4 steps ran in another process than a's: same seed, same metrics; its
-    # last 4 resumed from the step-4 checkpoint: the same as the uninterrupted run
+    # last 4 resumed from the step-4 checkpoint, inside the length warm-up (steps 1-6 at
+    # 32 tokens, then 64): the same as the uninterrupted run
+    assert "compiled" in second.stderr and second.stderr.count("train step for batches") == 2
     assert without_speed(rows(c)) == without_speed(rows(a))
     # evaluate: both workdirs side by side, lengths the task fits, then bad input
     cmd = [sys.executable, "-m", "jaxmix.evaluate", "--workdir", str(a), "--workdir", str(c),
@@ -255,7 +277,7 @@ def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path, capsys):
     for suffix in ("jsonl", "md", "png"):
         assert (tmp_path / "eval" / f"eval_mqar.{suffix}").exists()
     from jaxmix import evaluate  # the same CLI in-process: one error line, status 2
-    for extra, needle in [(["--lengths", "32"], "--lengths=32 is too short for mqar"),
+    for extra, needle in [(["--lengths", "16"], "--lengths=16 is too short for mqar"),
                           (["--lengths", ","], "--lengths: empty"),
                           (["--lengths", "64", "--task", "nope"], "--task: 'nope'")]:
         assert evaluate.main(cmd[3:5] + extra) == 2

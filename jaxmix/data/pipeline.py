@@ -193,8 +193,9 @@ class _MakeRows:
         self.seed, self.split, self.rows = seed, split, rows
 
     def __call__(self, step):
-        return synthetic.make_batch(self.name, self.args, self.seq_len, self.seed,
-                                    self.split, int(step), self.rows)
+        seq_len = synthetic.step_len(self.args, self.seq_len, int(step))
+        return synthetic.make_batch(self.name, self.args, seq_len, self.seed, self.split,
+                                    int(step), self.rows)
 
     def __repr__(self):
         return f"_MakeRows({self.name}, rows=[{self.rows.start}, {self.rows.stop}))"

@@ -35,7 +35,10 @@ NATO = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"
         "yankee", "zulu")
 DEPTH_RANGE = (0.05, 0.95)  # passkey needles' depths, as fractions of the filler
 # The tasks' settings (config.data.synthetic), as configs/synthetic.py starts them.
-DEFAULTS = dict(n_copy=16, n_pairs=16, power_a=0.01, n_keys=2, n_words=3)
+# warmup_len / warmup_steps: a length warm-up, the first `warmup_steps` training batches
+# made at `warmup_len` tokens instead of train.seq_len (0 = off).
+DEFAULTS = dict(n_copy=16, n_pairs=16, power_a=0.01, n_keys=2, n_words=3, warmup_len=0,
+                warmup_steps=0)
 
 
 def rng_for(seed, split, step, row):
@@ -171,6 +174,13 @@ def check(name, args, seq_len, what="train.seq_len"):
     if seq_len < shortest:
         raise ConfigError(f"{what}={seq_len} is too short for {name} with these "
                           f"data.synthetic settings: it needs at least {shortest}")
+    warm, warm_steps = int(args.get("warmup_len", 0) or 0), int(args.get("warmup_steps", 0) or 0)
+    if warm < 0 or warm_steps < 0:
+        raise ConfigError(f"data.synthetic.warmup_len={warm} and warmup_steps={warm_steps} "
+                          f"must be >= 0")
+    if warm and not shortest <= warm <= seq_len:
+        raise ConfigError(f"data.synthetic.warmup_len={warm} must lie between {shortest} "
+                          f"(the shortest {name} example) and {what}={seq_len}")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -199,6 +209,13 @@ def filler_bytes(split):
 
 def task_name(config):
     return config.data.source[len("synthetic:"):]
+
+
+def step_len(args, seq_len, index):
+    """The example length of training batch `index` (0-based): `warmup_len` for the
+    first `warmup_steps` batches when set, else seq_len."""
+    warm = int(args.get("warmup_len", 0) or 0)
+    return warm if warm and index < int(args.get("warmup_steps", 0) or 0) else seq_len
 
 
 def make_batch(name, args, seq_len, seed, split, step, rows):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix import ops, parallel
+from jaxmix.ops import _impl
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.mamba import dt_bias_init, uniform_init
 from jaxmix.nn import (DenseGeneral, compute_dtype, constrain, param_with_axes, scaled_init,
@@ -54,6 +55,12 @@ def check_config(cfg, where="model.mixers.gdn"):
     dims(cfg, where)
     if cfg.chunk_size < 1:
         raise ConfigError(f"{where}.chunk_size={cfg.chunk_size} must be positive")
+    if cfg.delta_impl not in _impl.IMPLS:
+        raise ConfigError(f"{where}.delta_impl={cfg.delta_impl!r}: use one of "
+                          f"{', '.join(_impl.IMPLS)}")
+    if cfg.delta_impl == "pallas" and cfg.chunk_size % 8:
+        raise ConfigError(f"{where}.chunk_size={cfg.chunk_size} must be a multiple of 8 "
+                          f"with delta_impl='pallas' (the kernel's sublane tile)")
 
 
 def log_decay(a, A_log, dt_bias):
@@ -129,7 +136,9 @@ class GatedDeltaNet(nn.Module):
             qkv.append(y.reshape(bsz, length, h, -1))
         beta = jax.nn.sigmoid(proj(h, "b_proj", ("embed", None)).astype(jnp.float32))
         g = log_decay(proj(h, "a_proj", ("embed", None)), *self.decay_params(h))
-        o, new_cache["state"] = ops.gated_delta_rule(
+        # Training: sequence-parallel over the mesh's `sequence` axis when it is > 1.
+        delta_rule = ops.gated_delta_rule if decode else parallel.sequence_parallel_gated_delta_rule
+        o, new_cache["state"] = delta_rule(
             *qkv, g, beta, initial_state=cache["state"] if decode else None,
             segment_ids=None if decode else segment_ids, chunk_size=cfg.chunk_size,
             impl="reference" if decode and length == 1 else cfg.delta_impl)

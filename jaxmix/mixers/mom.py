@@ -31,12 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmix import ops
+from jaxmix import ops, parallel
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.gdn import DEFAULTS as GDN_DEFAULTS
 from jaxmix.mixers.gdn import GatedDeltaNet, dims, log_decay
+from jaxmix.mixers.gdn import check_config as gdn_check_config
 from jaxmix.nn import DenseGeneral, compute_dtype, param_with_axes, torch_linear_init
-from jaxmix.parallel import causal_conv
 
 DEFAULTS = dict(GDN_DEFAULTS, n_memories=4, top_k=2, shared_memory=True, aux_weight=0.01)
 _CONV = ("batch", None, "mlp")
@@ -48,7 +48,7 @@ CACHE_AXES = {
 
 
 def check_config(cfg, where="model.mixers.mom"):
-    dims(cfg, where)
+    gdn_check_config(cfg, where)
     if cfg.n_memories < 1:
         raise ConfigError(f"{where}.n_memories={cfg.n_memories} must be positive")
     if not 1 <= cfg.top_k <= cfg.n_memories:
@@ -75,7 +75,7 @@ def conv_with_window(x_NLC, w_KC, ctx_NKC, count_N):
     """SiLU(causal conv) of compacted sequences after their windows, and the new
     windows: the last K-1 real inputs (old window entries when fewer came)."""
     width = w_KC.shape[0]
-    y = jax.nn.silu(causal_conv(x_NLC, w_KC, None, ctx_NKC))
+    y = jax.nn.silu(parallel.causal_conv(x_NLC, w_KC, None, ctx_NKC))
     both = jnp.concatenate([ctx_NKC.astype(x_NLC.dtype), x_NLC], axis=1)
     idx = count_N[:, None] + jnp.arange(width - 1)
     return y, jnp.take_along_axis(both, idx[..., None], axis=1)
@@ -93,7 +93,7 @@ class MoM(GatedDeltaNet):
         dtype = compute_dtype(self.cfg)
         return jnp.einsum("bld,ndw->nblw", x_BLD.astype(dtype), w.astype(dtype))
 
-    def memories(self, inputs, weights, order_NL, count_N, cache, segment_ids):
+    def memories(self, inputs, weights, order_NL, count_N, cache, segment_ids, decode):
         """The delta rule over N compacted sequences: inputs {q, k, v: [N, L, width],
         a, b: [N, L, H]} in sequence order, `order`/`count` from `compact`. Returns
         (outputs [N, L, H, d_v] back in sequence order, new cache entry)."""
@@ -113,9 +113,12 @@ class MoM(GatedDeltaNet):
         g = jnp.where(real[..., None], log_decay(a, *weights["decay"]), 0.0)
         beta = jnp.where(real[..., None], jax.nn.sigmoid(b), 0.0)
         seg = None if segment_ids is None else take(segment_ids)
-        o, new["state"] = ops.gated_delta_rule(
-            *qkv, g, beta, initial_state=cache["state"], segment_ids=seg,
-            impl=cfg.delta_impl, chunk_size=cfg.chunk_size)
+        # Training: sequence-parallel over the mesh's `sequence` axis when it is > 1
+        # (each compacted stream is a sequence like any other).
+        delta_rule = ops.gated_delta_rule if decode else parallel.sequence_parallel_gated_delta_rule
+        o, new["state"] = delta_rule(*qkv, g, beta, initial_state=cache["state"],
+                                     segment_ids=seg, impl=cfg.delta_impl,
+                                     chunk_size=cfg.chunk_size)
         back = jnp.argsort(order_NL, axis=1)                            # inverse permutation
         return jnp.take_along_axis(o, back[..., None, None], axis=1), new
 
@@ -156,7 +159,7 @@ class MoM(GatedDeltaNet):
         routed_cache = jax.tree.map(flat, cache["routed"])
         seg = None if segment_ids is None else jnp.tile(segment_ids, (m, 1))
         o, new_routed = self.memories({k: flat(v) for k, v in per_memory.items()}, weights,
-                                      order, count, routed_cache, seg)
+                                      order, count, routed_cache, seg, decode)
         o_MBLHV = o.reshape(m, bsz, length, h, d_v)
         o_BLHV = jnp.einsum("mblhv,blm->blhv", o_MBLHV, weight_BLM)
         new_cache = {"routed": jax.tree.map(
@@ -174,7 +177,7 @@ class MoM(GatedDeltaNet):
                                         name="shared_b_proj")(x_BLD).astype(jnp.float32)}
             order_s, count_s = compact(jnp.ones((bsz, length), bool))
             o_s, new_cache["shared"] = self.memories(shared, weights, order_s, count_s,
-                                                     cache["shared"], segment_ids)
+                                                     cache["shared"], segment_ids, decode)
             o_BLHV = o_BLHV + o_s
         else:
             new_cache["shared"] = cache["shared"]

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxmix.models.config import layer_kinds, layer_mixers
+from jaxmix.models.config import layer_mixers
 from jaxmix.nn import DenseGeneral, RMSNorm, SwiGLU, compute_dtype, constrain
 
 
@@ -24,15 +24,15 @@ def padded_vocab(cfg):
 
 class Block(nn.Module):
     cfg: Any
-    layer: int
+    mixer_cls: Any      # the layer's mixer class and its frozen config (layer_mixers)
+    mixer_cfg: Any
 
     @nn.compact
     def __call__(self, x, segment_ids, positions, cache, decode, train):
         cfg, dtype = self.cfg, compute_dtype(self.cfg)
         eps = cfg.get("norm_eps", 1e-5)
-        _, cls, mixer_cfg = layer_mixers(cfg)[self.layer]
         h = RMSNorm(eps, dtype, name="norm")(x)
-        y, new_cache, aux = cls(mixer_cfg, name="mixer")(
+        y, new_cache, aux = self.mixer_cls(self.mixer_cfg, name="mixer")(
             h, segment_ids=segment_ids, positions=positions, cache=cache, decode=decode,
             train=train)
         x = x + y.astype(jnp.float32)
@@ -75,9 +75,9 @@ class LM(nn.Module):
         x = constrain(embed(tokens_BL).astype(jnp.float32), ("batch", "length", "embed"))
         block_cls = nn.remat(Block, static_argnums=(5, 6)) if cfg.get("remat") else Block
         layer_aux, new_cache = [], []
-        for i in range(len(layer_kinds(cfg))):
+        for i, (_, cls, mixer_cfg) in enumerate(layer_mixers(cfg)):
             layer_cache = cache[i] if cache is not None else None
-            x, c, aux = block_cls(cfg, i, name=f"layers_{i}")(
+            x, c, aux = block_cls(cfg, cls, mixer_cfg, name=f"layers_{i}")(
                 x, segment_ids, positions, layer_cache, decode, train)
             new_cache.append(c)
             layer_aux.append(aux)

@@ -13,24 +13,24 @@ segment). All maths in fp32; the output has q's dtype, the final state is fp32.
 
 Implementations:
   reference  the token-by-token recurrence (the oracle).
+  pallas     the chunked forward below as a Pallas TPU kernel (jaxmix.ops.gated_delta_pallas).
   xla        the chunkwise-parallel form. With G the cumulative log decay inside a chunk
              of C tokens, D[t, i] = exp(G_t - G_i) for i <= t in one segment, and
              A[t, i] = beta_t D[t, i] k_t.k_i for i < t, the chunk's corrected values are
-             U = (I + A)^-1 (beta V - beta exp(G) K S0) (a unit lower-triangular solve:
-             the WY form of the chunk's Householder products), its outputs
+             U = (I + A)^-1 (beta V - beta exp(G) K S0) (the WY form of the chunk's
+             Householder products; the inverse by `unit_lower_inverse`), its outputs
              O = exp(G) Q S0 + (Q K^T * D) U and its end state
              S_C = exp(G_C) S0 + (K * exp(G_C - G))^T U. Chunks run in a lax.scan whose
              step is rematerialised, so the backward pass keeps only the states at
              chunk boundaries ([B, H, d_k, d_v] per chunk), never one per token.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from jaxmix.errors import ConfigError
 from jaxmix.ops import _impl
+from jaxmix.ops.vma import match_vma
+from kernels_pallas.gated_delta import unit_lower_inverse
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NORM_EPS = 1e-6
@@ -104,10 +104,11 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, initial_state=None, segment_
     return jnp.moveaxis(o, 0, 1).astype(q.dtype), state
 
 
-def _chunk_step(state, xs):
-    """One chunk: (state [B, H, K, V], (q, k [B, H, C, K], v [B, H, C, V], g, beta
-    [B, H, C], runs [B, C], the run of the token before the chunk [B])) -> (end state,
-    outputs [B, H, C, V])."""
+def _chunk_terms(xs):
+    """The state-free terms of one chunk (module docstring): D [B, H, C, C], the decay
+    from the chunk start decay0 [B, H, C], and U = u0 - w S0 as (u0 [B, H, C, V],
+    w [B, H, C, K]). xs: q, k [B, H, C, K], v [B, H, C, V], g, beta [B, H, C],
+    runs [B, C] and the run of the token before the chunk [B]."""
     q, k, v, g, beta, runs, run_before = xs
     c = q.shape[2]
     G = jnp.cumsum(g, axis=-1)
@@ -118,20 +119,63 @@ def _chunk_step(state, xs):
     D = jnp.where(live, jnp.exp(jnp.where(live, diff, 0.0)), 0.0)     # [B, H, C, C]
     from_start = (runs == run_before[:, None])[:, None]               # [B, 1, C]
     decay0 = jnp.where(from_start, jnp.exp(G), 0.0)                   # [B, H, C]
-
     strict = live & ~jnp.eye(c, dtype=bool)
     A = jnp.where(strict, beta[..., :, None] * _einsum("bhtd,bhid->bhti", k, k) * D, 0.0)
-    I_A = A + jnp.eye(c, dtype=jnp.float32)
-    solve = functools.partial(solve_triangular, I_A, lower=True, unit_diagonal=True)
-    u0 = solve(beta[..., None] * v)
-    w = solve((beta * decay0)[..., None] * k)
+    inv = unit_lower_inverse(A)
+    u0 = _einsum("bhti,bhiv->bhtv", inv, beta[..., None] * v)
+    w = _einsum("bhti,bhik->bhtk", inv, (beta * decay0)[..., None] * k)
+    return D, decay0, u0, w
+
+
+def _chunk_end(state, k, D, decay0, u):
+    """The state after the chunk: exp(G_C) S0 + (K * exp(G_C - G))^T U."""
+    to_end = D[..., -1, :]                                            # exp(G_C - G_i)
+    return (decay0[..., -1][..., None, None] * state
+            + _einsum("bhck,bhcv->bhkv", k * to_end[..., None], u))
+
+
+def _chunk_step(state, xs):
+    """One chunk: (state [B, H, K, V], xs of `_chunk_terms`) -> (end state, outputs
+    [B, H, C, V])."""
+    q, k = xs[:2]
+    D, decay0, u0, w = _chunk_terms(xs)
     u = u0 - _einsum("bhck,bhkv->bhcv", w, state)
     o = (decay0[..., None] * _einsum("bhck,bhkv->bhcv", q, state)
          + _einsum("bhti,bhiv->bhtv", _einsum("bhtd,bhid->bhti", q, k) * D, u))
-    to_end = D[..., -1, :]                                            # exp(G_C - G_i)
-    end = (decay0[..., -1][..., None, None] * state
-           + _einsum("bhck,bhcv->bhkv", k * to_end[..., None], u))
-    return end, o
+    return _chunk_end(state, k, D, decay0, u), o
+
+
+def _chunk_map(carry, xs):
+    """Composes the chunk's affine map S -> P_c S + Q_c onto carry (P [B, H, K, K],
+    Q [B, H, K, V]): the end state is linear in the start state."""
+    P, Q = carry
+    k = xs[1]
+    D, decay0, u0, w = _chunk_terms(xs)
+    P = _chunk_end(P, k, D, decay0, -_einsum("bhck,bhkj->bhcj", w, P))
+    Q = _chunk_end(Q, k, D, decay0, u0 - _einsum("bhck,bhkv->bhcv", w, Q))
+    return (P, Q), None
+
+
+def _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size):
+    """The per-chunk inputs [n, B, H, C, ...] of the chunked form (zero padded at the
+    end: beta = 0 and g = 0 leave the state as it is)."""
+    b, length, h, d_k = q.shape
+    q32, k32, v32, g32, b32 = _prepare(q, k, v, g, beta, normalize_qk, scale)
+    runs = run_ids(segment_ids, b, length)
+    c = max(1, min(int(chunk_size), length))
+    n = -(-length // c)
+    pad = n * c - length
+
+    def chunks(x):  # [B, L, H, ...] -> [n, B, H, C, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape((b, n, c) + x.shape[2:])
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+    runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
+    runs_n = jnp.moveaxis(runs.reshape(b, n, c), 1, 0)                # [n, B, C]
+    before = jnp.concatenate([runs[:, :1], runs[:, c - 1:-1:c]], axis=1)[:, :n]
+    return (chunks(q32), chunks(k32), chunks(v32), chunks(g32), chunks(b32), runs_n,
+            jnp.moveaxis(before, 1, 0))
 
 
 def gated_delta_rule_xla(q, k, v, g, beta, *, initial_state=None, segment_ids=None,
@@ -139,35 +183,35 @@ def gated_delta_rule_xla(q, k, v, g, beta, *, initial_state=None, segment_ids=No
     """The chunkwise-parallel form (module docstring); same results as the reference."""
     b, length, h, d_k = q.shape
     d_v = v.shape[-1]
-    q32, k32, v32, g32, b32 = _prepare(q, k, v, g, beta, normalize_qk, scale)
-    runs = run_ids(segment_ids, b, length)
-    c = max(1, min(int(chunk_size), length))
-    n = -(-length // c)
-    pad = n * c - length
-
-    def chunks(x):  # [B, L, H, ...] -> [n, B, H, C, ...], padded with zeros at the end
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((b, n, c) + x.shape[2:])
-        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
-
-    # Padding tokens: beta = 0 and g = 0 leave the state as it is.
-    runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
-    runs_n = jnp.moveaxis(runs.reshape(b, n, c), 1, 0)                # [n, B, C]
-    before = jnp.concatenate([runs[:, :1], runs[:, c - 1:-1:c]], axis=1)[:, :n]
+    xs = _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size)
     s0 = (jnp.zeros((b, h, d_k, d_v), jnp.float32) if initial_state is None
           else initial_state.astype(jnp.float32))
-    xs = (chunks(q32), chunks(k32), chunks(v32), chunks(g32), chunks(b32), runs_n,
-          jnp.moveaxis(before, 1, 0))
+    s0 = match_vma(s0, xs)  # inside a shard_map the carry varies like the data
     state, o = jax.lax.scan(jax.checkpoint(_chunk_step), s0, xs)      # o [n, B, H, C, V]
     o = jnp.moveaxis(o, 0, 1)                                         # [B, n, H, C, V]
-    o = jnp.moveaxis(o, 3, 2).reshape(b, n * c, h, d_v)[:, :length]
+    o = jnp.moveaxis(o, 3, 2).reshape(b, -1, h, d_v)[:, :length]
     return o.astype(q.dtype), state
+
+
+def gated_delta_rule_map(q, k, v, g, beta, *, segment_ids=None, normalize_qk=True,
+                         scale=None, chunk_size=64):
+    """(P [B, H, d_k, d_k], Q [B, H, d_k, d_v]), the sequence's effect on a state: from
+    an initial state S0 it ends at P @ S0 + Q (per batch row and head), so Q is the
+    final state from zeros. Sequence-parallel runs compose these maps across devices."""
+    b, _, h, d_k = q.shape
+    xs = _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size)
+    eye = jnp.broadcast_to(jnp.eye(d_k, dtype=jnp.float32), (b, h, d_k, d_k))
+    zero = jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32)
+    carry = match_vma((eye, zero), xs)
+    (P, Q), _ = jax.lax.scan(jax.checkpoint(_chunk_map), carry, xs)
+    return P, Q
 
 
 def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None,
                      normalize_qk=True, scale=None, impl="auto", chunk_size=64):
     """(o [B, L, H, d_v], final state [B, H, d_k, d_v] fp32): see the module docstring.
-    impl: reference | xla | auto (the chunked xla form on every backend)."""
+    impl: reference | xla | pallas (the chunked forward as a TPU kernel, interpreted off
+    TPU; chunk_size a multiple of 8) | auto (the chunked xla form on every backend)."""
     _check(q, k, v, g, beta, initial_state, segment_ids)
     impl = "xla" if impl == "auto" else _impl.resolve(impl, "gated_delta_rule")
     kw = dict(initial_state=initial_state, segment_ids=segment_ids,
@@ -175,5 +219,6 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None,
     if impl == "reference":
         return gated_delta_rule_reference(q, k, v, g, beta, **kw)
     if impl == "pallas":
-        raise ConfigError("gated_delta_rule: impl='pallas' has no kernel yet; use 'xla'")
+        from jaxmix.ops.gated_delta_pallas import gated_delta_rule_pallas
+        return gated_delta_rule_pallas(q, k, v, g, beta, chunk_size=chunk_size, **kw)
     return gated_delta_rule_xla(q, k, v, g, beta, chunk_size=chunk_size, **kw)

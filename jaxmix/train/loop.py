@@ -89,6 +89,12 @@ class Run:
         print(f"--- sample ---\n{prompt}{text}\n--------------", flush=True)
 
 
+def batch_tokens(batch):
+    """Input tokens in a batch (rows x (window - 1))."""
+    rows, window = jax.tree.leaves(batch)[0].shape
+    return rows * (window - 1)
+
+
 def run(config, workdir):
     """Trains `config` in `workdir`; returns the last validation metrics: val_loss
     (nats per scored target), val_acc, and val_bpb for byte text."""
@@ -100,30 +106,41 @@ def run(config, workdir):
     state, it, start = r.initial_state()
     writer = MetricsWriter(workdir, resume_step=start)
     val_batches = r.data.val_batches()
-    tokens_per_step = t.batch_size * t.seq_len
-    val_metrics = {}
+    val_metrics, compiled = {}, {}
+
+    def step_fn_for(batch):
+        """The train step compiled for this batch's shape (a length warm-up makes two)."""
+        shape = jax.tree.leaves(batch)[0].shape
+        if shape not in compiled:
+            t0 = time.perf_counter()
+            compiled[shape] = r.train_step.compile(state, batch)
+            log.info("train step for batches %s compiled in %.1fs", shape,
+                     time.perf_counter() - t0)
+        return compiled[shape]
+
     try:
-        batch = r.to_global(next(it))
-        t0 = time.perf_counter()
-        step_fn = r.train_step.compile(state, batch)
-        log.info("train step compiled in %.1fs", time.perf_counter() - t0)
         bar = tqdm(total=t.steps, initial=start, disable=not r.is_main, unit="step",
                    dynamic_ncols=True)
-        last_time, last_step = time.perf_counter(), start
+        # Throughput counts training only: compiling and evaluating are left out.
+        last_time, tokens, paused = time.perf_counter(), 0, 0.0
         for step in range(start + 1, t.steps + 1):
-            if step > start + 1:
-                batch = r.to_global(next(it))
+            batch = r.to_global(next(it))
+            t0 = time.perf_counter()
+            step_fn = step_fn_for(batch)
+            paused += time.perf_counter() - t0
             with jax.set_mesh(r.mesh):
                 state, metrics = step_fn(state, batch)
+            tokens += batch_tokens(batch)
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
-                tok_s = tokens_per_step * (step - last_step) / (now - last_time)
-                last_time, last_step = now, step
+                tok_s = tokens / max(now - last_time - paused, 1e-9)
+                last_time, tokens, paused = now, 0, 0.0
                 writer.write(step, {**metrics, "tokens_per_sec": tok_s})
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
             if step % t.eval_every == 0 or step == t.steps:
+                t0 = time.perf_counter()
                 val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
                 val_metrics = {"val_loss": val, "val_acc": acc}
                 if r.data.is_text:
@@ -134,7 +151,7 @@ def run(config, workdir):
                     bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
                               f"{100 * acc:.2f}% on the scored targets")
                 writer.write(step, val_metrics)
-                last_time = time.perf_counter()  # eval time is not training throughput
+                paused += time.perf_counter() - t0
             if step % t.checkpoint_every == 0 or step == t.steps:
                 r.ckpt.save(step, state, it)
         bar.close()

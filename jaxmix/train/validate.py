@@ -4,7 +4,7 @@ import os
 
 from jaxmix import mixers
 from jaxmix.errors import ConfigError
-from jaxmix.models import kind_of, layer_kinds, normalize_config
+from jaxmix.models import normalize_config
 from jaxmix.workdir import plain
 
 POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
@@ -27,20 +27,8 @@ def check_config(config):
         raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
 
 
-# Mixers whose train step does not yet run on a mesh of several CPU devices: the step
-# waits forever in a collective (seen with 2 simulated and 2 per-core devices).
-ONE_CPU_DEVICE_ONLY = ("gdn", "mom")
-
-
 def check_mesh(config, mesh, process_count):
-    """Batch and sequence divisibility by the mesh and the process count; mixers that
-    run on one CPU device only."""
-    cfg = normalize_config(config.model)
-    kinds = sorted({kind_of(cfg, name) for name in layer_kinds(cfg)} & set(ONE_CPU_DEVICE_ONLY))
-    if kinds and mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu":
-        raise ConfigError(f"model.mixer_pattern: {', '.join(kinds)} layers train on one CPU "
-                          f"device only for now (on {mesh.devices.size} the step hangs in a "
-                          f"collective); set --config.train.cpu_devices=1 and a mesh of 1")
+    """Batch and sequence divisibility by the mesh and the process count."""
     b, length = config.train.batch_size, config.train.seq_len
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if b % batch_devices:
@@ -52,6 +40,10 @@ def check_mesh(config, mesh, process_count):
                           f"processes; use a multiple of {process_count}")
     if length % mesh.shape["sequence"]:
         raise ConfigError(f"train.seq_len={length} is not divisible by "
+                          f"mesh.sequence={mesh.shape['sequence']}")
+    warm = int((config.data.get("synthetic") or {}).get("warmup_len", 0) or 0)
+    if warm % mesh.shape["sequence"]:
+        raise ConfigError(f"data.synthetic.warmup_len={warm} is not divisible by "
                           f"mesh.sequence={mesh.shape['sequence']}")
 
 

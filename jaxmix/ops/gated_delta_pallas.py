@@ -1,0 +1,86 @@
+"""gated_delta_rule(impl="pallas"): the chunked forward as a Pallas kernel
+(kernels_pallas.gated_delta), run per device under a mesh (batch over the mesh axes of
+"batch", heads over those of "heads"), inside a custom_vjp whose backward
+differentiates the chunked xla form (`gated_delta_rule_xla`, which recomputes the
+forward chunk by chunk and keeps only chunk-boundary states). Off TPU the kernel runs
+interpreted (`per_device.tpu_kernel_interpret`): slow, meant for tests.
+
+This layer normalises and scales q and k, moves heads before time ([B, H, L, d]) and
+pads L to a multiple of the chunk (beta = 0 and g = 0 there, so the state passes).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxmix.errors import ConfigError
+from jaxmix.ops import per_device
+from jaxmix.ops.gated_delta import _prepare, gated_delta_rule_xla, run_ids
+from kernels_pallas import gated_delta as kernel
+
+
+def check_chunk(chunk_size):
+    if int(chunk_size) < 8 or int(chunk_size) % 8:
+        raise ConfigError(f"gated_delta_rule: chunk_size={chunk_size} must be a positive "
+                          f"multiple of 8 for impl='pallas' (the kernel's sublane tile)")
+
+
+def _forward(q, k, v, g, beta, s0, seg, static):
+    opts = dict(static)
+    b, length, h, _ = q.shape
+    q32, k32, v32, g32, b32 = _prepare(q, k, v, g, beta, opts["normalize_qk"], opts["scale"])
+    c = opts["chunk_size"]
+    pad = -length % c
+    heads_first = lambda x: jnp.pad(jnp.moveaxis(x, 2, 1),
+                                    [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+    runs = jnp.pad(run_ids(seg, b, length), [(0, 0), (0, pad)], mode="edge")
+    o, state = kernel.delta_fwd(
+        heads_first(q32), heads_first(k32), heads_first(v32), heads_first(g32[..., None]),
+        heads_first(b32[..., None]), runs.astype(jnp.float32)[:, None, :, None],
+        s0.astype(jnp.float32), chunk=c, interpret=opts["interpret"])
+    return jnp.moveaxis(o[:, :, :length], 1, 2).astype(q.dtype), state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _core(q, k, v, g, beta, s0, seg, static):
+    return _forward(q, k, v, g, beta, s0, seg, static)
+
+
+def _core_fwd(q, k, v, g, beta, s0, seg, static):
+    return _forward(q, k, v, g, beta, s0, seg, static), (q, k, v, g, beta, s0, seg)
+
+
+def _core_bwd(static, res, cts):
+    q, k, v, g, beta, s0, seg = res
+    opts = dict(static)
+    xla = lambda q, k, v, g, beta, s0: gated_delta_rule_xla(
+        q, k, v, g, beta, initial_state=s0, segment_ids=seg,
+        normalize_qk=opts["normalize_qk"], scale=opts["scale"], chunk_size=opts["chunk_size"])
+    _, vjp = jax.vjp(xla, q, k, v, g, beta, s0)
+    return vjp(cts) + (None,)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def gated_delta_rule_pallas(q, k, v, g, beta, *, initial_state=None, segment_ids=None,
+                            normalize_qk=True, scale=None, chunk_size=64, interpret=None):
+    """Same contract as `gated_delta_rule_xla`; chunk_size a multiple of 8."""
+    check_chunk(chunk_size)
+    b, length, h, d_k = q.shape
+    s0 = (jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32) if initial_state is None
+          else initial_state)
+    seg = (jnp.zeros((b, length), jnp.int32) if segment_ids is None
+           else jnp.asarray(segment_ids))
+    interpret = per_device.tpu_kernel_interpret() if interpret is None else interpret
+    static = (("normalize_qk", bool(normalize_qk)),
+              ("scale", None if scale is None else float(scale)),
+              ("chunk_size", min(int(chunk_size), -(-length // 8) * 8)),
+              ("interpret", interpret))
+    b_ax = per_device.mesh_axes("batch", b)
+    h_ax = per_device.mesh_axes("heads", h)
+    s = per_device.spec
+    blh, bhkv, bl = s(b_ax, (), h_ax), s(b_ax, h_ax), s(b_ax)
+    body = lambda q, k, v, g, beta, s0, seg: _core(q, k, v, g, beta, s0, seg, static)
+    return per_device.per_device(body, (blh, blh, blh, blh, blh, bhkv, bl), (blh, bhkv))(
+        q, k, v, g, beta, s0, seg)
