@@ -14,7 +14,9 @@ tokens are gathered into a compacted sequence (stable order), run through the sh
 convs and the delta rule there, and scattered back; the padding after them has beta = 0
 and no decay, so a memory is unchanged by the tokens not routed to it. All memories run
 as one batch of M x B compacted sequences (M times the work of one memory; the
-official kernels skip the padding).
+official kernels skip the padding). With mesh.sequence > 1 the compacted streams are
+split over the sequence devices like any sequence
+(`parallel.sequence_parallel_gated_delta_rule`).
 
 Load balance (aux "load_balance_loss", times `aux_weight`): the Mixtral form
 E * sum_{k,e} f_{k,e} P_e per layer (f: fraction of tokens whose k-th choice is e, P:
