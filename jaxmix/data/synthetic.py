@@ -41,6 +41,13 @@ DEFAULTS = dict(n_copy=16, n_pairs=16, power_a=0.01, n_keys=2, n_words=3, warmup
                 warmup_steps=0)
 
 
+def warmup(settings):
+    """(warmup_len, warmup_steps) of data.synthetic settings (0, 0 when absent: configs
+    written before the warm-up existed)."""
+    return (int(settings.get("warmup_len", 0) or 0),
+            int(settings.get("warmup_steps", 0) or 0))
+
+
 def rng_for(seed, split, step, row):
     return np.random.default_rng([int(seed) % 2**32, SPLITS[split], int(step), int(row)])
 
@@ -174,7 +181,7 @@ def check(name, args, seq_len, what="train.seq_len"):
     if seq_len < shortest:
         raise ConfigError(f"{what}={seq_len} is too short for {name} with these "
                           f"data.synthetic settings: it needs at least {shortest}")
-    warm, warm_steps = int(args.get("warmup_len", 0) or 0), int(args.get("warmup_steps", 0) or 0)
+    warm, warm_steps = warmup(args)
     if warm < 0 or warm_steps < 0:
         raise ConfigError(f"data.synthetic.warmup_len={warm} and warmup_steps={warm_steps} "
                           f"must be >= 0")
@@ -214,8 +221,8 @@ def task_name(config):
 def step_len(args, seq_len, index):
     """The example length of training batch `index` (0-based): `warmup_len` for the
     first `warmup_steps` batches when set, else seq_len."""
-    warm = int(args.get("warmup_len", 0) or 0)
-    return warm if warm and index < int(args.get("warmup_steps", 0) or 0) else seq_len
+    warm, warm_steps = warmup(args)
+    return warm if warm and index < warm_steps else seq_len
 
 
 def make_batch(name, args, seq_len, seed, split, step, rows):

@@ -65,6 +65,15 @@ def _prepare(q, k, v, g, beta, normalize_qk, scale):
             beta.astype(jnp.float32))
 
 
+def start_state(q, v, initial_state):
+    """The fp32 state [B, H, d_k, d_v] the recurrence starts from: `initial_state`, or
+    zeros when it is None."""
+    b, _, h, d_k = q.shape
+    if initial_state is None:
+        return jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32)
+    return initial_state.astype(jnp.float32)
+
+
 def _check(q, k, v, g, beta, initial_state, segment_ids):
     b, length, h, d_k = q.shape
     if k.shape != q.shape or v.shape[:3] != (b, length, h):
@@ -84,12 +93,11 @@ def _check(q, k, v, g, beta, initial_state, segment_ids):
 def gated_delta_rule_reference(q, k, v, g, beta, *, initial_state=None, segment_ids=None,
                                normalize_qk=True, scale=None):
     """(o [B, L, H, d_v], final state [B, H, d_k, d_v]) by the plain recurrence."""
-    b, length, h, d_k = q.shape
+    b, length = q.shape[:2]
     q32, k32, v32, g32, b32 = _prepare(q, k, v, g, beta, normalize_qk, scale)
     runs = run_ids(segment_ids, b, length)
     reset = jnp.concatenate([jnp.zeros((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
-    s0 = (jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    s0 = start_state(q, v, initial_state)
 
     def step(state, xs):
         q_t, k_t, v_t, g_t, b_t, reset_t = xs  # [B, H, d], [B, H], [B]
@@ -181,12 +189,11 @@ def _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size):
 def gated_delta_rule_xla(q, k, v, g, beta, *, initial_state=None, segment_ids=None,
                          normalize_qk=True, scale=None, chunk_size=64):
     """The chunkwise-parallel form (module docstring); same results as the reference."""
-    b, length, h, d_k = q.shape
+    b, length, h, _ = q.shape
     d_v = v.shape[-1]
     xs = _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size)
-    s0 = (jnp.zeros((b, h, d_k, d_v), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
-    s0 = match_vma(s0, xs)  # inside a shard_map the carry varies like the data
+    # Inside a shard_map the carry varies like the data.
+    s0 = match_vma(start_state(q, v, initial_state), xs)
     state, o = jax.lax.scan(jax.checkpoint(_chunk_step), s0, xs)      # o [n, B, H, C, V]
     o = jnp.moveaxis(o, 0, 1)                                         # [B, n, H, C, V]
     o = jnp.moveaxis(o, 3, 2).reshape(b, -1, h, d_v)[:, :length]
@@ -201,7 +208,7 @@ def gated_delta_rule_map(q, k, v, g, beta, *, segment_ids=None, normalize_qk=Tru
     b, _, h, d_k = q.shape
     xs = _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size)
     eye = jnp.broadcast_to(jnp.eye(d_k, dtype=jnp.float32), (b, h, d_k, d_k))
-    zero = jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32)
+    zero = start_state(q, v, None)
     carry = match_vma((eye, zero), xs)
     (P, Q), _ = jax.lax.scan(jax.checkpoint(_chunk_map), carry, xs)
     return P, Q

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxmix.errors import ConfigError
 from jaxmix.ops import per_device
-from jaxmix.ops.gated_delta import _prepare, gated_delta_rule_xla, run_ids
+from jaxmix.ops.gated_delta import _prepare, gated_delta_rule_xla, run_ids, start_state
 from kernels_pallas import gated_delta as kernel
 
 
@@ -37,7 +37,7 @@ def _forward(q, k, v, g, beta, s0, seg, static):
     o, state = kernel.delta_fwd(
         heads_first(q32), heads_first(k32), heads_first(v32), heads_first(g32[..., None]),
         heads_first(b32[..., None]), runs.astype(jnp.float32)[:, None, :, None],
-        s0.astype(jnp.float32), chunk=c, interpret=opts["interpret"])
+        s0, chunk=c, interpret=opts["interpret"])
     return jnp.moveaxis(o[:, :, :length], 1, 2).astype(q.dtype), state
 
 
@@ -67,9 +67,8 @@ def gated_delta_rule_pallas(q, k, v, g, beta, *, initial_state=None, segment_ids
                             normalize_qk=True, scale=None, chunk_size=64, interpret=None):
     """Same contract as `gated_delta_rule_xla`; chunk_size a multiple of 8."""
     check_chunk(chunk_size)
-    b, length, h, d_k = q.shape
-    s0 = (jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32) if initial_state is None
-          else initial_state)
+    b, length, h, _ = q.shape
+    s0 = start_state(q, v, initial_state)
     seg = (jnp.zeros((b, length), jnp.int32) if segment_ids is None
            else jnp.asarray(segment_ids))
     interpret = per_device.tpu_kernel_interpret() if interpret is None else interpret

@@ -11,7 +11,7 @@ matrix, so the sequence-parallel form is:
 Device i's result needs only the maps of the devices before it, so the work is about
 twice a one-device op on L/N tokens plus one small all-gather, against N rounds of
 the local op when states are passed device to device (`method="pass"`, kept for the
-benchmark in benchmarks/delta_parallel.py). Segment ids: a segment that starts at a
+benchmark in benchmarks/bench_gated_delta.py). Segment ids: a segment that starts at a
 device's first token drops the incoming state (the left neighbour's last id comes by
 one ppermute). Gradients flow through the all-gather and both local passes.
 """
@@ -25,14 +25,18 @@ from jaxmix.ops.vma import match_vma, vma
 from jaxmix.parallel.zigzag import mesh_axis_size
 
 
+def _to_right(x, axis_name):
+    """x from the left neighbour (device i gets device i - 1's; zeros on device 0)."""
+    n = lax.axis_size(axis_name)
+    return lax.ppermute(x, axis_name, [(i, i + 1) for i in range(n - 1)])
+
+
 def _left_reset(segment_ids, axis_name):
     """[B] bool: this shard's first token starts a new segment (its id differs from the
     left neighbour's last one); False on device 0 and without ids."""
     if segment_ids is None:
         return None
-    n = lax.axis_size(axis_name)
-    last = segment_ids[:, -1]
-    left = lax.ppermute(last, axis_name, [(i, i + 1) for i in range(n - 1)])
+    left = _to_right(segment_ids[:, -1], axis_name)
     return (lax.axis_index(axis_name) > 0) & (segment_ids[:, 0] != left)
 
 
@@ -47,9 +51,7 @@ def gated_delta_rule_shard(q, k, v, g, beta, *, initial_state=None, segment_ids=
     shard ([B, L/N, ...]); initial_state [B, H, d_k, d_v] is replicated. Returns (this
     shard's outputs, the global final state, the same on every device)."""
     kw = dict(normalize_qk=normalize_qk, scale=scale, chunk_size=chunk_size)
-    b, _, h, d_k = q.shape
-    s0 = (jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
+    s0 = gd.start_state(q, v, initial_state)
     reset = _left_reset(segment_ids, axis_name)
     n, me = lax.axis_size(axis_name), lax.axis_index(axis_name)
 
@@ -63,8 +65,7 @@ def gated_delta_rule_shard(q, k, v, g, beta, *, initial_state=None, segment_ids=
         state = match_vma(s0, q, k, v)
         for _ in range(n - 1):
             _, end = run(state)
-            state = jnp.where(me == 0, s0, lax.ppermute(end, axis_name,
-                                                         [(i, i + 1) for i in range(n - 1)]))
+            state = jnp.where(me == 0, s0, _to_right(end, axis_name))
         o, end = run(state)
         final = lax.psum(jnp.where(me == n - 1, end, 0.0), axis_name)
         return o, final

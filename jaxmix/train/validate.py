@@ -3,6 +3,7 @@ import json
 import os
 
 from jaxmix import mixers
+from jaxmix.data import synthetic
 from jaxmix.errors import ConfigError
 from jaxmix.models import normalize_config
 from jaxmix.workdir import plain
@@ -41,7 +42,7 @@ def check_mesh(config, mesh, process_count):
     if length % mesh.shape["sequence"]:
         raise ConfigError(f"train.seq_len={length} is not divisible by "
                           f"mesh.sequence={mesh.shape['sequence']}")
-    warm = int((config.data.get("synthetic") or {}).get("warmup_len", 0) or 0)
+    warm, _ = synthetic.warmup(config.data.get("synthetic") or {})
     if warm % mesh.shape["sequence"]:
         raise ConfigError(f"data.synthetic.warmup_len={warm} is not divisible by "
                           f"mesh.sequence={mesh.shape['sequence']}")
