@@ -3,7 +3,7 @@
   python train.py --config configs/synthetic.py:TASK[-MIXER] [--config.a.b=value ...]
 
 TASK is `induction`, `selective_copy`, `mqar` or `passkey`; MIXER is `mamba` (the
-default) or `attention`. Constant learning rate after a 100-step warm-up, fresh
+default), `attention`, `gdn` (Gated DeltaNet) or `mom` (mixture-of-memories). Constant learning rate after a 100-step warm-up, fresh
 examples every step, accuracy on the scored targets at every evaluation.
 `data.synthetic.warmup_len` / `warmup_steps` make the first steps' examples shorter
 (a length warm-up; validation stays at train.seq_len).
@@ -20,13 +20,15 @@ examples every step, accuracy on the scored targets at every evaluation.
   d_model 64 (attention d_model 128, 8 heads).
 - mqar (Zoology): 2 layers without MLPs, d_model 64 (--config.model.d_model=128 for
   the other column), L 256 with 16 pairs; --config.train.seq_len=512
-  --config.data.synthetic.n_pairs=64 for the harder setting; attention with 2 heads.
+  --config.data.synthetic.n_pairs=64 for the harder setting; attention with 2 heads,
+  gdn and mom with 2 delta-rule heads of d_model / 2 (mom: 4 memories, top 2, shared).
   Zoology's vocabulary is 8,192; 256 here keeps the output layer cheap on a CPU
   (keys from [1, 128), values from [128, 256), so they never collide).
 - passkey (DuoAttention's generator at byte level): 2 passkeys of 3 NATO words in
   1,024 bytes of stdlib filler; a Llama-style byte model (RoPE, SwiGLU MLP), 4 layers
-  d_model 128. Trained in two stages: `passkey_warmup` (one key of one word in 160
-  bytes) first, then `passkey` with --config.init_from=<the warm-up's workdir>.
+  d_model 128. Trained in three stages, each from the previous one's workdir
+  (--config.init_from=<workdir>): `passkey_warmup` (one key of one word in 160 bytes),
+  `passkey_short` (2 keys of 3 words in 320 bytes), then `passkey`.
 
 `--config.model.mixer_pattern='("attention",)'` (or '("mamba",)') switches the mixer
 of any preset and keeps its sizes; the MIXER suffix also sets the paper's sizes.
@@ -39,7 +41,7 @@ from jaxmix import config_files
 from jaxmix.data import synthetic
 
 TASKS = ("induction", "selective_copy", "mqar", "passkey")
-MIXERS = ("mamba", "attention")
+MIXERS = ("mamba", "attention", "gdn", "mom")
 
 
 def _transformer_lm():
@@ -48,6 +50,10 @@ def _transformer_lm():
 
 def set_heads(c, **fields):
     _transformer_lm().set_heads(c, **fields)
+
+
+def set_memory_heads(c, **fields):
+    config_files.sibling(__file__, "mom_lm.py").set_memory_heads(c, **fields)
 
 
 def base_config():
@@ -59,6 +65,9 @@ def base_config():
                    log_every=50, eval_every=500, eval_batches=4, checkpoint_every=500)
     c.data.source = "synthetic:induction"
     c.data.synthetic = ml_collections.ConfigDict(synthetic.DEFAULTS)
+    # Delta-rule memories (gdn, mom): 2 heads of d_model / 2, chunks of 32; MoM keeps the
+    # paper's 4 memories, top 2 and a shared memory.
+    set_memory_heads(c, n_heads=2, chunk_size=32)
     c.sample_at_end = False
     return c
 
@@ -76,7 +85,8 @@ def set_task(c, task):
     elif task == "passkey":
         c.model.update(vocab_size=256, n_layers=4, d_model=128, d_ff=256)
         set_heads(c, n_heads=4, n_kv_heads=4)
-        c.train.update(seq_len=1024, batch_size=16, learning_rate=2e-3, weight_decay=0.1)
+        c.train.update(seq_len=1024, batch_size=16, learning_rate=2e-3, weight_decay=0.1,
+                       steps=200, eval_every=50, checkpoint_every=100)
 
 
 def set_mixer(c, mixer, task):
@@ -92,23 +102,31 @@ def set_mixer(c, mixer, task):
         c.train.update(steps=2500, learning_rate=1e-3, decay_steps=2500, min_lr_ratio=0.1)
 
 
-def passkey_warmup(c):
-    """Stage 1 of the passkey recipe: one key of one word in 160 bytes, 1,000 steps. At
-    1,024 bytes the retrieval is too diluted to start learning in an hour here."""
-    c.data.synthetic.update(n_keys=1, n_words=1)
-    c.train.update(seq_len=160, steps=1000)
+# The passkey curriculum's first stages: (data.synthetic fields, seq_len), 1,000 steps
+# each. At 1,024 bytes from scratch the retrieval is too diluted to start learning in an
+# hour here; each stage starts from the previous one's workdir (--config.init_from).
+PASSKEY_STAGES = {
+    "passkey_warmup": (dict(n_keys=1, n_words=1), 160),   # one key of one word
+    "passkey_short": ({}, 320),                           # the full task, in 320 bytes
+}
+
+
+def passkey_stage(c, stage):
+    fields, seq_len = PASSKEY_STAGES[stage]
+    c.data.synthetic.update(fields)
+    c.train.update(seq_len=seq_len, steps=1000, eval_every=100, checkpoint_every=500)
 
 
 def get_config(preset="induction"):
     task, _, mixer = (preset or "induction").partition("-")
     mixer = mixer or "mamba"
-    if task not in TASKS + ("passkey_warmup",) or mixer not in MIXERS:
+    if task not in TASKS + tuple(PASSKEY_STAGES) or mixer not in MIXERS:
         raise ValueError(f"unknown preset {preset!r}; use TASK or TASK-MIXER with TASK in "
-                         f"{', '.join(TASKS)} (or passkey_warmup) and MIXER in "
+                         f"{', '.join(TASKS + tuple(PASSKEY_STAGES))} and MIXER in "
                          f"{', '.join(MIXERS)}")
     c = base_config()
-    set_task(c, "passkey" if task == "passkey_warmup" else task)
+    set_task(c, "passkey" if task in PASSKEY_STAGES else task)
     set_mixer(c, mixer, task)
-    if task == "passkey_warmup":
-        passkey_warmup(c)
+    if task in PASSKEY_STAGES:
+        passkey_stage(c, task)
     return c

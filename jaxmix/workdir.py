@@ -112,8 +112,8 @@ class Checkpointer:
 def restore_params(checkpoint_dir, step=None):
     """(params, step): the params subtree only of the TrainState saved at `step`
     (default: the latest), as host-local arrays on the default device."""
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir),
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ConfigError(f"{checkpoint_dir}: no checkpoint there yet; train first "

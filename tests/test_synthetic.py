@@ -116,6 +116,24 @@ def run_config(preset="mqar", **train):
     return c
 
 
+@pytest.mark.parametrize("preset", [f"{task}-{mixer}" for task in synthetic_configs.TASKS
+                                    for mixer in synthetic_configs.MIXERS]
+                         + list(synthetic_configs.PASSKEY_STAGES))
+def test_presets_pass_the_checks_and_make_their_task(preset):
+    from jaxmix.train import validate
+    c = synthetic_configs.get_config(preset)
+    validate.check_config(c)
+    assert set(models.layer_kinds(c.model)) == {preset.partition("-")[2] or "mamba"}
+    batch = next(data.build(c).train_iter)
+    first_len = synthetic.warmup(c.data.synthetic)[0] or c.train.seq_len
+    assert batch["tokens"].shape == (c.train.batch_size, first_len + 1)
+    assert batch["loss_mask"].sum() > 0
+    if preset in synthetic_configs.PASSKEY_STAGES:  # the curriculum: shorter, then fuller
+        fields, seq_len = synthetic_configs.PASSKEY_STAGES[preset]
+        assert c.train.seq_len == seq_len < synthetic_configs.get_config("passkey").train.seq_len
+        assert all(c.data.synthetic[k] == v for k, v in fields.items())
+
+
 def test_pipeline_processes_and_resume():
     config = run_config()
     one = data.build(config)
