@@ -3,8 +3,9 @@
   python train.py --config configs/synthetic.py:TASK[-MIXER] [--config.a.b=value ...]
 
 TASK is `induction`, `selective_copy`, `mqar` or `passkey`; MIXER is `mamba` (the
-default), `attention`, `gdn` (Gated DeltaNet) or `mom` (mixture-of-memories). Constant learning rate after a 100-step warm-up, fresh
-examples every step, accuracy on the scored targets at every evaluation.
+default), `attention`, `gdn` (Gated DeltaNet) or `mom` (mixture-of-memories).
+Constant learning rate after a 100-step warm-up, fresh examples every step, accuracy on
+the scored targets at every evaluation.
 `data.synthetic.warmup_len` / `warmup_steps` make the first steps' examples shorter
 (a length warm-up; validation stays at train.seq_len).
 - induction (Mamba paper): vocab 16, trained at length 256, no MLPs; Mamba 2 layers

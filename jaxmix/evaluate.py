@@ -10,8 +10,8 @@ with all their targets right). Results are printed as JSON lines and written, wi
 a Markdown table and a plot of accuracy against length (log x-axis), to `--out`
 (default: the first workdir) as eval_<task>.jsonl / .md / .png.
 
-Models whose layers are all recurrent (Mamba) run the sequence in chunks of
-`--chunk` tokens through their decode path, carrying the state: memory does not
+Models whose layers are all recurrent (Mamba, Gated DeltaNet, MoM) run the sequence
+in chunks of `--chunk` tokens through their decode path, carrying the state: memory does not
 grow with the length, so lengths far past training (2^20) fit. Models with
 attention run one forward pass over the whole sequence; before it runs, XLA's
 memory analysis of the compiled pass is checked against `--memory-budget-gb`, the
@@ -70,8 +70,11 @@ def parse_lengths(text):
     return sorted(set(out))
 
 
+RECURRENT_KINDS = ("mamba", "gdn", "mom")  # mixers whose decode cache has a fixed size
+
+
 def is_recurrent(cfg):
-    return all(models.kind_of(cfg, name) == "mamba" for name in models.layer_kinds(cfg))
+    return all(models.kind_of(cfg, name) in RECURRENT_KINDS for name in models.layer_kinds(cfg))
 
 
 class Scorer:
@@ -271,7 +274,7 @@ def parse_args(argv):
     p.add_argument("--examples", type=int, default=64, help="examples per length")
     p.add_argument("--batch", type=int, default=16, help="examples per forward pass")
     p.add_argument("--chunk", type=int, default=4096,
-                   help="tokens per step of the recurrent (Mamba) path")
+                   help="tokens per step of the recurrent path (Mamba, Gated DeltaNet, MoM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-budget-gb", type=float, default=8.0)
     p.add_argument("--time-budget-s", type=float, default=600.0,

@@ -304,18 +304,18 @@ def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path, capsys):
         assert err.strip().splitlines()[-1].startswith(f"error: {needle}"), err
 
 
-def test_evaluate_attention_over_budget_is_skipped_and_mamba_chunks_agree():
+def test_evaluate_attention_over_budget_is_skipped_and_recurrent_chunks_agree():
     from jaxmix.evaluate import Scorer, evaluate_length
     args = settings(16)
     results = {}
-    for mixer in ("attention", "mamba"):
+    for mixer in ("attention", "mamba", "gdn", "mom"):
         c = synthetic_configs.get_config(f"induction-{mixer}")
         c.model.d_model = 32
         synthetic_configs.set_heads(c, n_heads=4, n_kv_heads=4)
         model = models.build(c.model)
-        params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
-        scorer = Scorer(model, params, chunk=16)
-        assert scorer.recurrent == (mixer == "mamba")
+        params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))
+        scorer = Scorer(model, params["params"], chunk=16)
+        assert scorer.recurrent == (mixer != "attention")
         kw = dict(examples=4, batch=4, seed=0, time_budget_s=60)
         tiny = evaluate_length(scorer, "induction", args, 64, budget_bytes=1024, **kw)
         ok = evaluate_length(scorer, "induction", args, 64, budget_bytes=2**30, **kw)
@@ -324,12 +324,13 @@ def test_evaluate_attention_over_budget_is_skipped_and_mamba_chunks_agree():
     tiny, _, _ = results["attention"]
     assert tiny["status"] == "skipped" and "memory budget" in tiny["reason"]
     # the recurrent path (4 chunks of 16 carrying the state) scores as the full pass
-    _, ok, scorer = results["mamba"]
     made = synthetic.make_batch("induction", args, 64, 0, "eval", 0, range(4))
     every = np.ones_like(made["loss_mask"])  # score all 64 predictions, not just the last
-    scorer.recurrent = False
-    full = scorer(made["tokens"], every)
-    scorer.recurrent = True
-    chunked = scorer(made["tokens"], every)
-    np.testing.assert_array_equal(full[0], chunked[0])
-    assert 0 < full[0].sum() < 4 * 64 and full[1].sum() == 4 * 64
+    for mixer in ("mamba", "gdn", "mom"):
+        scorer = results[mixer][2]
+        scorer.recurrent = False
+        full = scorer(made["tokens"], every)
+        scorer.recurrent = True
+        chunked = scorer(made["tokens"], every)
+        np.testing.assert_array_equal(full[0], chunked[0], err_msg=mixer)
+        assert 0 < full[0].sum() < 4 * 64 and full[1].sum() == 4 * 64
