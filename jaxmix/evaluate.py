@@ -70,11 +70,9 @@ def parse_lengths(text):
     return sorted(set(out))
 
 
-RECURRENT_KINDS = ("mamba", "gdn", "mom")  # mixers whose decode cache has a fixed size
-
-
 def is_recurrent(cfg):
-    return all(models.kind_of(cfg, name) in RECURRENT_KINDS for name in models.layer_kinds(cfg))
+    """Every layer's mixer decodes with a fixed-size cache (Mamba, Gated DeltaNet, MoM)."""
+    return all(cls.FIXED_SIZE_CACHE for _, cls, _ in models.layer_mixers(cfg))
 
 
 class Scorer:

@@ -86,8 +86,9 @@ def test_moved_field_on_the_command_line_names_its_new_place():
 
 
 def test_every_mixer_has_one_cache_protocol():
-    """init_cache(batch, max_len, dtype) for every registered mixer, and cache_axes()
-    names every axis of every cache array."""
+    """init_cache(batch, max_len, dtype) for every registered mixer, cache_axes()
+    names every axis of every cache array, and FIXED_SIZE_CACHE says whether the
+    cache's shapes stay the same for a longer max_len."""
     from jaxmix import mixers
     for kind in mixers.REGISTRY:
         cfg = models.mixer_config(models.normalize_config(dict(
@@ -101,6 +102,10 @@ def test_every_mixer_has_one_cache_protocol():
         for array, names in zip(jax.tree.leaves(cache),
                                 jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
             assert array.ndim == len(names), (kind, array.shape, names)
+        longer = mixer.init_cache(2, 32, jnp.float32)
+        same = [a.shape for a in jax.tree.leaves(cache)] == [
+            a.shape for a in jax.tree.leaves(longer)]
+        assert same == mixer.FIXED_SIZE_CACHE, kind
 
 
 def test_unused_entries_and_later_defaults_do_not_block_a_resume(tmp_path):

@@ -125,7 +125,7 @@ def test_presets_pass_the_checks_and_make_their_task(preset):
     validate.check_config(c)
     assert set(models.layer_kinds(c.model)) == {preset.partition("-")[2] or "mamba"}
     batch = next(data.build(c).train_iter)
-    first_len = synthetic.warmup(c.data.synthetic)[0] or c.train.seq_len
+    first_len = synthetic.step_len(c.data.synthetic, c.train.seq_len, 0)
     assert batch["tokens"].shape == (c.train.batch_size, first_len + 1)
     assert batch["loss_mask"].sum() > 0
     if preset in synthetic_configs.PASSKEY_STAGES:  # the curriculum: shorter, then fuller

@@ -4,6 +4,8 @@ Every mixer is a flax.linen Module built as `cls(cfg=mixer_config, name=...)`, w
 `mixer_config` holds the model's shared fields (d_model, n_layers, dtype, ...) and the
 mixer's own (its class's DEFAULTS, overridden by its entry in model.mixers). It has
   DEFAULTS                 {field: default} of its own config fields
+  FIXED_SIZE_CACHE         True when init_cache's size does not grow with max_len
+                           (recurrent state), False for a KV cache
   __call__(x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
            train=False) -> (y_BLD, new_cache or None, aux)
   init_cache(batch, max_len, dtype) -> the decode cache before any token

@@ -67,6 +67,7 @@ def rotary(x_BLHD, positions_BL, theta):
 class Attention(nn.Module):
     cfg: Any
     DEFAULTS = DEFAULTS
+    FIXED_SIZE_CACHE = False  # the KV cache holds max_len tokens
 
     # ------------------------------------------------------------------ pieces
     def project(self, x_BLD):

@@ -75,6 +75,7 @@ def a_log_init(key, shape, dtype=jnp.float32):
 class GatedDeltaNet(nn.Module):
     cfg: Any
     DEFAULTS = DEFAULTS
+    FIXED_SIZE_CACHE = True  # init_cache ignores max_len: conv windows and the state
     check_config = staticmethod(check_config)
 
     # ------------------------------------------------------------------ pieces

@@ -56,6 +56,7 @@ def uniform_init(bound):
 class Mamba(nn.Module):
     cfg: Any
     DEFAULTS = DEFAULTS
+    FIXED_SIZE_CACHE = True  # init_cache ignores max_len: conv window and SSM state
 
     @nn.compact
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
