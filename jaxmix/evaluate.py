@@ -279,7 +279,21 @@ def parse_args(argv):
                    help="per model and length")
     p.add_argument("--out", default=None, help="folder for the table and plot "
                    "(default: the first workdir)")
+    from jaxmix import duo
+    duo.add_deploy_args(p)  # scores the per-head masked forward the two caches compute
     return p.parse_args(argv)
+
+
+def with_duo(a, label, model, params, config):
+    """(label, model, params) with --duo applied: the per-head masked forward, i.e.
+    what decoding every token with the two caches computes."""
+    from jaxmix import duo, models
+    cfg, params, retrieval = duo.deploy_from_args(a, config.model, params,
+                                                  config.train.get("seq_len"))
+    if retrieval is None:
+        return label, model, params
+    return (f"{label} duo {100 * retrieval.mean():.0f}% retrieval", models.build(cfg),
+            params)
 
 
 def check_args(a):
@@ -301,8 +315,10 @@ def run(a):
     if task not in synthetic.TASKS:
         raise ConfigError(f"--task: {task!r} is not a synthetic task; use one of "
                           f"{', '.join(synthetic.TASKS)}")
-    labels, results = label_of(a.workdir), []
-    for label, (model, params, config) in zip(labels, loaded):
+    labels, results = [], []
+    for label, (model, params, config) in zip(label_of(a.workdir), loaded):
+        label, model, params = with_duo(a, label, model, params, config)
+        labels.append(label)
         probe = task_settings(config, task)
         check_lengths(task, synthetic.task_args(probe), lengths)
         args = synthetic.task_args(probe, "val")

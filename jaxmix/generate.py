@@ -2,9 +2,14 @@
 
 The cache is the LM's decode cache (one entry per layer): Mamba layers carry their
 conv window and [B, D, N] SSM state (constant memory per token), attention layers a
-KV cache preallocated for prompt + new tokens.
+KV cache preallocated for prompt + new tokens (a ring of sink + window slots for
+sliding-window layers and DuoAttention's streaming heads). A full KV cache that the
+prompt and the new tokens would overflow (more than the layer's max_cache_len) is an
+error before anything runs. The prompt can be prefilled in chunks (`prefill_chunk`).
 
   python -m jaxmix.generate --workdir runs/mamba_lm --prompt "def "
+  python -m jaxmix.generate --workdir runs/passkey --duo runs/passkey/duo_heads.json \
+      --sparsity 0.5 --prompt "..."
 """
 import argparse
 import functools
@@ -15,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmix import models, workdir
+from jaxmix import duo, models, workdir
 from jaxmix.errors import ConfigError
 from jaxmix.nn import compute_dtype
 
@@ -49,6 +54,13 @@ def init_cache(model, batch, max_len):
     recurrent states have a fixed size."""
     return [cls(mixer_cfg).init_cache(batch, max_len, compute_dtype(mixer_cfg))
             for _, cls, mixer_cfg in models.layer_mixers(model.cfg)]
+
+
+def check_decode_length(model, total):
+    """ConfigError (one line) if `total` tokens overflow a layer's full KV cache."""
+    for _, cls, mixer_cfg in models.layer_mixers(model.cfg):
+        if hasattr(cls, "check_decode_length"):
+            cls(mixer_cfg).check_decode_length(total)
 
 
 # ----------------------------------------------------------------------------- jit'd parts
@@ -99,12 +111,15 @@ def check_sampling(temperature, top_k, top_p, max_new_tokens):
 
 
 def generate(model, params, prompt_BL, *, max_new_tokens, temperature=1.0, top_k=None,
-             top_p=None, rng=None):
+             top_p=None, rng=None, prefill_chunk=None):
     """New tokens int32 [B, max_new_tokens] continuing `prompt_BL` (int [B, L], L >= 1).
 
     temperature=0.0 is greedy decoding; top_k / top_p filter the sampled distribution.
-    Tokens are drawn from the real vocabulary only (never the padding rows)."""
+    Tokens are drawn from the real vocabulary only (never the padding rows). The prompt
+    is prefilled in chunks of `prefill_chunk` tokens (default: in one piece)."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be positive")
     prompt_BL = jnp.asarray(prompt_BL, jnp.int32)
     if prompt_BL.ndim != 2 or prompt_BL.shape[1] < 1:
         raise ValueError(f"prompt_BL has shape {prompt_BL.shape}; want [batch, length >= 1]")
@@ -112,8 +127,11 @@ def generate(model, params, prompt_BL, *, max_new_tokens, temperature=1.0, top_k
     top_k = min(int(top_k), model.cfg.vocab_size) if top_k else None
     top_p = float(top_p) if top_p is not None and top_p < 1.0 else None
     batch, length = prompt_BL.shape
+    check_decode_length(model, length + max_new_tokens)
     cache = init_cache(model, batch, length + max_new_tokens)
-    logits_BV, cache = make_prefill(model)(params, prompt_BL, cache)
+    chunk = prefill_chunk or length
+    for start in range(0, length, chunk):
+        logits_BV, cache = make_prefill(model)(params, prompt_BL[:, start:start + chunk], cache)
     decode = make_decode(model, int(max_new_tokens), float(temperature), top_k, top_p)
     return decode(params, logits_BV, cache, rng)
 
@@ -154,6 +172,23 @@ def _tokenizer(workdir):
     return AutoTokenizer.from_pretrained(path)
 
 
+def load_for_decoding(a):
+    """(model, params, config) of the CLI's workdir, with its --max_cache_len and --duo
+    settings applied."""
+    model, params, config = workdir.load_workdir(a.workdir)
+    model_cfg = models.normalize_config(config.model)
+    if a.max_cache_len is not None:
+        if a.max_cache_len < 1:
+            raise ConfigError(f"--max_cache_len={a.max_cache_len} must be positive")
+        for entry in model_cfg.mixers.values():
+            if "max_cache_len" in entry:
+                entry.max_cache_len = a.max_cache_len
+    model_cfg, params, _ = duo.deploy_from_args(a, model_cfg, params,
+                                                config.train.get("seq_len"))
+    config.model = model_cfg
+    return models.build(model_cfg), params, config
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jaxmix.generate",
                                 description="Sample text from a jaxmix workdir.")
@@ -164,12 +199,18 @@ def main(argv=None):
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_cache_len", type=int, default=None,
+                   help="tokens a full KV cache may hold (default: the model's)")
+    p.add_argument("--prefill_chunk", type=int, default=None,
+                   help="prefill the prompt in chunks of this many tokens")
+    duo.add_deploy_args(p)
     a = p.parse_args(argv)
     try:
         check_sampling(a.temperature, a.top_k, a.top_p, a.max_new_tokens)
-        model, params, config = workdir.load_workdir(a.workdir)
+        model, params, config = load_for_decoding(a)
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                  top_p=a.top_p, rng=jax.random.PRNGKey(a.seed))
+                  top_p=a.top_p, rng=jax.random.PRNGKey(a.seed),
+                  prefill_chunk=a.prefill_chunk)
         if config.model.vocab_size == 256:
             text = sample_text(model, params, a.prompt, **kw)
         else:

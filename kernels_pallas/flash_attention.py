@@ -8,10 +8,16 @@ Arrays and block sizes only. Layout (prepared by the caller):
   kv_seg     [B, 8, Sp]        int32 segment ids broadcast along sublanes
 Query row r has position r + offset, key column c position c; columns c >= kv_len
 are padding and always masked. Masks: causal (c <= r + offset), window W
-(r + offset - W < c), segment equality. Tiles with no visible pair are skipped
-(`pl.when`) and their K/V (resp. Q) index maps are clamped into the live range so
-no DMA is issued for them. GQA: query head h reads kv head h // groups through the
-index maps; the dk/dv kernel sums the groups in its grid.
+(r + offset - W < c, implies causal) under which the first `sink` keys stay visible
+too (c < sink, still causal), segment equality. Tiles with no visible pair are
+skipped (`pl.when`) and their K/V (resp. Q) index maps send those grid steps to a
+neighbouring live block, so no DMA is issued for them (a block index equal to the
+previous step's is not fetched again). The live key blocks of a query block are the
+sink blocks [0, ns) and the window range [lo, hi]; the live query blocks of a key
+block run from its causal start to the window's end, or to the last query block when
+the key block holds sink keys.
+GQA: query head h reads kv head h // groups through the index maps; the dk/dv
+kernel sums the groups in its grid.
 
 Three kernels: forward (o, lse), dq, and dk/dv; every entry point takes
 `interpret=` (pass `pltpu.InterpretParams()` or True off TPU).
@@ -31,6 +37,7 @@ SUBLANES = 8
 class Spec(NamedTuple):
     causal: bool
     window: Optional[int]
+    sink: int  # keys c < sink stay visible outside the window (0: none; needs a window)
     scale: float
     q_len: int
     kv_len: int
@@ -50,7 +57,10 @@ def _live(spec, i, j):
     if spec.causal or spec.window:
         live = jnp.logical_and(live, k_first <= q_last)
     if spec.window:
-        live = jnp.logical_and(live, k_first + spec.block_k - 1 > q_first - spec.window)
+        recent = k_first + spec.block_k - 1 > q_first - spec.window
+        if spec.sink:
+            recent = jnp.logical_or(recent, k_first < spec.sink)
+        live = jnp.logical_and(live, recent)
     return live
 
 
@@ -61,7 +71,7 @@ def _div(x, m):
 
 
 def _kv_range(spec, i, nk):
-    """First and last live key block of query block i (for index-map clamping)."""
+    """First and last live key block of query block i, sink blocks aside."""
     q_first = i * spec.block_q + spec.offset
     hi = nk - 1
     lo = 0
@@ -72,21 +82,34 @@ def _kv_range(spec, i, nk):
     return lo, hi
 
 
+def _kv_block(spec, i, j, nk):
+    """Key block fetched at grid step j of query block i. The live blocks are two runs,
+    the sink blocks [0, ns) (up to the causal limit hi) and the window range [lo, hi]:
+    a live step reads its own block j, a dead one repeats the next live block (hi after
+    the last), which issues no new DMA."""
+    lo, hi = _kv_range(spec, i, nk)
+    block = _clamp(j, lo, hi)
+    ns = -(-spec.sink // spec.block_k) if spec.window else 0
+    if ns:
+        block = jnp.where(j < ns, jnp.minimum(j, hi), block)
+    return block
+
+
 def _q_major_maps(spec, nk):
-    """Index maps of a (batch, q head, q block i, kv block j) grid: q blocks, and kv
-    blocks clamped to the live range of q block i (GQA: kv head = q head // groups)."""
+    """Index maps of a (batch, q head, q block i, kv block j) grid: q blocks, and the
+    live kv blocks of q block i (`_kv_block`; GQA: kv head = q head // groups)."""
     def q_map(b_, h, i, j):
         return b_, h, i, 0
 
     def kv_map(b_, h, i, j):
-        lo, hi = _kv_range(spec, i, nk)
-        return b_, _div(h, spec.groups), _clamp(j, lo, hi), 0
+        return b_, _div(h, spec.groups), _kv_block(spec, i, j, nk), 0
 
     return q_map, kv_map
 
 
 def _q_range(spec, j, nq):
-    """First and last live query block of key block j (for index-map clamping)."""
+    """First and last live query block of key block j (for index-map clamping): sink
+    keys are seen by every query block from their causal start on."""
     k_first = j * spec.block_k
     lo, hi = 0, nq - 1
     if spec.causal or spec.window:
@@ -94,6 +117,8 @@ def _q_range(spec, j, nq):
     if spec.window:
         y = k_first + spec.block_k - 2 - spec.offset + spec.window
         hi = jnp.minimum(_div(jnp.maximum(y, 0), spec.block_q), nq - 1)
+        if spec.sink:
+            hi = jnp.where(k_first < spec.sink, nq - 1, hi)
     return lo, hi
 
 
@@ -110,7 +135,10 @@ def _mask(spec, i, j, qs_ref, ks_ref):
     if spec.causal or spec.window:
         mask = jnp.logical_and(mask, cols <= rows)
     if spec.window:
-        mask = jnp.logical_and(mask, cols > rows - spec.window)
+        recent = cols > rows - spec.window
+        if spec.sink:
+            recent = jnp.logical_or(recent, cols < spec.sink)
+        mask = jnp.logical_and(mask, recent)
     if spec.segments:
         q_ids = qs_ref[:, 0:1]
         kv_ids = ks_ref[0:1, :]

@@ -105,7 +105,7 @@ def test_kv_cache_decoding_matches_full_forward(window):
     full = apply(m, params, x)[0]
     step = jax.jit(lambda x, cache: m.apply({"params": params}, x, cache=cache, decode=True))
     y, cache = step(x[:, :5], None)[:2]  # prefill allocates max_cache_len = 16 slots
-    chex.assert_shape(cache["k"], (2, 16, 2, 8))
+    chex.assert_shape(cache["k"], (2, window or 16, 2, 8))  # a window keeps a W-slot ring
     outs = [y]
     for t in range(5, 9):
         y, cache = step(x[:, t:t + 1], cache)[:2]

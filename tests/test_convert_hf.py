@@ -220,3 +220,38 @@ def test_errors_are_one_line(tmp_path):
         hf.load(str(tmp_path))
     with pytest.raises(ConfigError, match="not a directory"):
         workdir.load_params(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "llama_untied_bias"])
+def test_duo_attention_on_imported_llama(hf_dirs, name):
+    """DuoAttention on an imported Llama (GQA; MQA with q/k/v biases and head_dim 16):
+    all heads kept = HF's logits; a mixed choice of heads, reordered, decodes with two
+    caches exactly as its per-head masked forward (= the gates at 0/1, original order)."""
+    from jaxmix import duo
+    model, directory = hf_dirs(name)
+    cfg, params = hf.load(directory)
+    layers = [i for i, _, _ in duo.attention_layers(models.normalize_config(cfg))]
+    hkv = duo.attention_layers(models.normalize_config(cfg))[0][1]
+    ids = prompt(cfg.vocab_size, seed=1)
+    keep, _ = duo.deploy(cfg, params, np.ones((2, hkv), bool), layers, 2, 4)
+    ours = jax.jit(models.build(keep).apply)({"params": params}, jnp.asarray(ids))[0]
+    assert np.abs(np.asarray(ours)[..., :cfg.vocab_size] - hf_logits(model, ids)).max() <= 1e-4
+    retrieval = np.zeros((2, hkv), bool)
+    retrieval[1, -1] = True
+    dcfg, dparams = duo.deploy(cfg, params, retrieval, layers, 2, 4)
+    deployed = models.build(dcfg)
+    masked = jax.jit(deployed.apply)({"params": dparams}, jnp.asarray(ids))[0]
+    gated = models.build(duo.with_duo(cfg, gates=True, sink=2, recent=4))
+    gparams = duo.add_gates(params, duo.attention_layers(models.normalize_config(cfg)))
+    for i, row in zip(layers, retrieval, strict=True):
+        gparams[f"layers_{i}"]["mixer"]["duo_alpha"] = jnp.asarray(row, jnp.float32)
+    np.testing.assert_allclose(
+        masked, jax.jit(gated.apply)({"params": gparams}, jnp.asarray(ids))[0], atol=1e-5,
+        rtol=1e-5)
+    step = jax.jit(lambda c, t: deployed.apply({"params": dparams}, t, decode=True, cache=c))
+    cache = gen.init_cache(deployed, ids.shape[0], PROMPT_LEN)
+    outs = []
+    for t in range(PROMPT_LEN):  # one token at a time: the 6-slot ring wraps at token 7
+        logits, _, cache = step(cache, jnp.asarray(ids[:, t:t + 1]))
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), masked, atol=1e-5, rtol=1e-5)

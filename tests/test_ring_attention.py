@@ -3,6 +3,8 @@
 Every multi-device check runs in one worker process (tests/workers/ring_cases.py)
 that computes many cases and prints a JSON line per case. The ring runs inside a
 user's `jax.shard_map` with the default check_vma=True (one case with check_vma=False).
+Expected values are dense attention under tests/masks.py's `visible` mask, which
+shares no code with jaxmix's masks.
 """
 import itertools
 import json
@@ -10,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -38,12 +41,20 @@ def covering_cases():
     cases.append(case(4, True, "zigzag", 1, 1, window=20))        # sliding window: hops skip
     cases[-1]["check_vma"] = False   # the ring also runs in an unchecked shard_map
     cases.append(case(8, True, "contiguous", 0, 0, window=24, q_chunks=2))
+    # sink keys 0..4 live on device 0 only: for devices 2..7 that hop is dead by the
+    # window alone, so hop_is_live must keep it (sink not a multiple of any tile). Run
+    # through sequence_parallel_attention, so its sink keyword is covered too.
+    cases.append(case(8, True, "contiguous", 1, 0, window=24, sink=5, wrapper=True))
     return cases
 
 
 def full_product():
-    return [case(n, c, lay, g, s) for n, c, lay, g, s in itertools.product(
+    plain = [case(n, c, lay, g, s) for n, c, lay, g, s in itertools.product(
         (2, 4, 8), (False, True), ("contiguous", "zigzag"), (0, 1), (0, 1))]
+    sinks = [case(n, True, lay, g, s, window=20, sink=sink, wrapper=sink == 16)
+             for n, lay, g, s, sink in itertools.product(
+                 (2, 4, 8), ("contiguous", "zigzag"), (0, 1), (0, 1), (5, 16))]
+    return plain + sinks
 
 
 def worker(arg, timeout=1800):
@@ -73,6 +84,38 @@ def test_zigzag_permutation_roundtrip():
     assert (np.asarray(parallel.from_zigzag(z, 4)) == x).all()
     with pytest.raises(ValueError, match="multiple of 2"):
         parallel.to_zigzag(np.zeros((1, 12)), 4)
+
+
+def test_hop_is_live_keeps_sink_blocks():
+    """A hop beyond the window is live only while its block holds sink keys that some
+    query may see causally (contiguous shards of 16 tokens, window 24)."""
+    from jaxmix.parallel.ring_attention import hop_is_live
+
+    def live(q_lo, kv_lo, sink, window=24, causal=True):
+        pos = lambda lo: jnp.arange(lo, lo + 16, dtype=jnp.int32)[None]
+        return bool(hop_is_live(pos(q_lo), pos(kv_lo), None, None, causal, window, sink))
+
+    assert not live(112, 0, 0)                          # outside the window
+    assert live(112, 0, 5) and live(112, 0, 16)         # holds sink keys 0..4 / 0..15
+    assert not live(112, 16, 16) and live(112, 16, 17)  # first sink key outside: 16
+    assert live(112, 96, 0) and live(112, 96, 5)        # inside the window either way
+    assert not live(0, 16, 32)                          # sink keys in the future
+    assert not live(0, 16, 32, causal=False)            # (a window implies causal)
+    assert live(48, 16, 0, window=None, causal=False)   # no window: sink is ignored
+    seg = jnp.zeros((1, 16), jnp.int32)
+    assert not bool(hop_is_live(jnp.arange(112, 128)[None], jnp.arange(16)[None], seg,
+                                seg + 1, True, 24, 5))  # other segment: dead anyway
+
+
+def test_ring_sink_argument_checks():
+    from jaxmix import parallel
+    q = jnp.zeros((1, 8, 2, 8))
+    pos = jnp.arange(8)[None]
+    with pytest.raises(ValueError, match="needs a sliding_window"):
+        parallel.ring_attention(q, q, q, positions=pos, causal=True, sink=4)
+    with pytest.raises(ValueError, match="sink must be >= 0"):
+        parallel.ring_attention(q, q, q, positions=pos, causal=True, sliding_window=4,
+                                sink=-1)
 
 
 def test_ring_matches_full_attention():

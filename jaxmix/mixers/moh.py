@@ -42,6 +42,7 @@ from jaxmix import ops
 from jaxmix.ops.attention import mask_of
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.attention import DEFAULTS as ATTENTION_DEFAULTS
+from jaxmix.mixers.attention import check_config as check_attention
 from jaxmix.mixers.attention import Attention, head_shape, rotary
 from jaxmix.nn import DenseGeneral, compute_dtype, constrain
 
@@ -52,6 +53,7 @@ EPS = 1e-9  # floor of the renormalising sum (the official code clamps it the sa
 
 def check_config(cfg, where="model.mixers.moh"):
     """One-line errors for head budgets and options that cannot work."""
+    check_attention(cfg, where)
     hq, _, _ = head_shape(cfg)
     hs, k = cfg.shared_heads, cfg.top_k
     if not 0 <= hs <= hq:
@@ -84,6 +86,7 @@ def load_balance(probs_TE, mask_TE, scale_by_experts):
 
 class MoH(Attention):
     DEFAULTS = DEFAULTS
+    DUO = False
     # Parameters a dense attention layer lacks; zeros make every active gate 1.
     ZERO_PARAMS = ("router_shared", "router_routed", "router_mix")
     check_config = staticmethod(check_config)
@@ -138,7 +141,7 @@ class MoH(Attention):
         ops.decode_attention (each active head as its own KV head)."""
         cfg = self.cfg
         bsz, hq, hd = q_BHD.shape
-        hkv, max_len = cache["k"].shape[2], cache["k"].shape[1]
+        hkv = cache["k"].shape[2]
         heads_BA = jnp.concatenate(
             [jnp.broadcast_to(jnp.arange(cfg.shared_heads), (bsz, cfg.shared_heads)),
              cfg.shared_heads + top_idx_BK], axis=-1).astype(jnp.int32)
@@ -148,8 +151,8 @@ class MoH(Attention):
         v_BASD = cache["v"][rows_B1, :, kv_BA]
         q_BA1D = q_BHD[rows_B1, heads_BA][:, :, None]
         q_pos = jnp.broadcast_to(cache["index"] - 1, (bsz, 1)).astype(jnp.int32)
-        kv_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (bsz, max_len))
-        mask_BS = mask_of(q_pos, kv_pos, None, None, True, cfg.sliding_window or None)[:, 0]
+        mask_BS = mask_of(q_pos, self.cache_positions(cache), None, None, True,
+                          cfg.sliding_window or None, cfg.sink)[:, 0]
         o_BAD = ops.decode_attention(q_BA1D, k_BASD, v_BASD, mask_BS)[:, :, 0]
         g_BA = jnp.take_along_axis(g_BH, heads_BA, axis=1)
         o_BAD = o_BAD * g_BA[..., None].astype(o_BAD.dtype)

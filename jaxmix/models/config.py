@@ -26,7 +26,7 @@ log = logging.getLogger("jaxmix")
 # Fields of the whole model, visible to every mixer.
 SHARED = ("family", "vocab_size", "vocab_multiple", "d_model", "n_layers", "d_ff", "mlp_bias",
           "norm_eps", "tie_embeddings", "dtype", "remat")
-MODEL_FIELDS = SHARED + ("mixer_pattern", "mixers")
+MODEL_FIELDS = SHARED + ("mixer_pattern", "mixers", "duo")
 
 
 def default_mixers(*names):
@@ -81,13 +81,30 @@ def normalize_config(model_cfg, where="model"):
     return cfg
 
 
-def mixer_config(cfg, name):
+def mixer_config(cfg, name, extra=None):
     """The frozen config the mixer of sub-config `name` is built with: the shared model
-    fields, then the mixer's defaults, then the entry's own fields."""
+    fields, then the mixer's defaults, then the entry's own fields (then `extra`)."""
     entry = dict(cfg.mixers[name])
     kind = entry.pop("kind", name)
     shared = {k: cfg[k] for k in SHARED if k in cfg}
-    return ml_collections.FrozenConfigDict({**shared, **mixers.get(kind).DEFAULTS, **entry})
+    return ml_collections.FrozenConfigDict({**shared, **mixers.get(kind).DEFAULTS, **entry,
+                                            **(extra or {})})
+
+
+def duo_fields(cfg, layer, cls):
+    """The DuoAttention settings of one layer (`model.duo`, written by jaxmix.duo):
+    {"retrieval": retrieval KV heads per layer (-1: plain attention), "sink", "recent",
+    "gates": gate training}. Empty for layers whose mixer does not take them."""
+    duo = cfg.get("duo") or None
+    if duo is None or not getattr(cls, "DUO", False):
+        return {}
+    retrieval = tuple(duo.get("retrieval") or ())
+    if retrieval and len(retrieval) != cfg.n_layers:
+        raise ConfigError(f"model.duo.retrieval has {len(retrieval)} entries; the model has "
+                          f"n_layers={cfg.n_layers}")
+    return {"duo_retrieval": int(retrieval[layer]) if retrieval else -1,
+            "duo_sink": int(duo.get("sink", 64)), "duo_recent": int(duo.get("recent", 256)),
+            "duo_gates": bool(duo.get("gates", False))}
 
 
 def layer_kinds(cfg):
@@ -104,5 +121,8 @@ def layer_kinds(cfg):
 
 def layer_mixers(cfg):
     """[(sub-config name, mixer class, its frozen config)] for every layer."""
-    return [(name, mixers.get(kind_of(cfg, name)), mixer_config(cfg, name))
-            for name in layer_kinds(cfg)]
+    out = []
+    for i, name in enumerate(layer_kinds(cfg)):
+        cls = mixers.get(kind_of(cfg, name))
+        out.append((name, cls, mixer_config(cfg, name, duo_fields(cfg, i, cls))))
+    return out

@@ -61,12 +61,14 @@ def combine_aux(cfg, layer_aux):
 
 
 class LM(nn.Module):
-    """Returns (logits [B, L, V_padded], aux); with `decode=True` also the new cache."""
+    """Returns (logits [B, L, V_padded], aux); with `decode=True` also the new cache.
+    With `hidden=True` the final-normed hidden states [B, L, d_model] fp32 replace the
+    logits (what DuoAttention's gate training distils)."""
     cfg: Any
 
     @nn.compact
     def __call__(self, tokens_BL, *, segment_ids=None, positions=None, cache=None,
-                 decode=False, train=False):
+                 decode=False, train=False, hidden=False):
         cfg, dtype = self.cfg, compute_dtype(self.cfg)
         vocab = padded_vocab(cfg)
         embed = nn.Embed(vocab, cfg.d_model, dtype=dtype, name="embed",
@@ -82,6 +84,8 @@ class LM(nn.Module):
             new_cache.append(c)
             layer_aux.append(aux)
         x = RMSNorm(cfg.get("norm_eps", 1e-5), dtype, name="norm_f")(x)
+        if hidden:
+            return x.astype(jnp.float32), combine_aux(cfg, layer_aux)
         if cfg.get("tie_embeddings", True):
             logits = embed.attend(x.astype(dtype))
         else:

@@ -11,6 +11,8 @@ aligned* when L != S (the last query sees every key, as in decoding with a cache
 the true positions of rotated K/V blocks). Query at position p sees key at t when
   causal:            t <= p
   sliding_window=W:  p - W < t <= p      (W keys counting itself; implies causal)
+  sink=S (with W):   t < S or p - W < t, and t <= p   (StreamingLLM / DuoAttention
+                     "streaming" heads: S attention-sink keys plus the recent window)
   segment_ids:       q_seg == kv_seg     (packed documents)
 A query that sees no key outputs 0 (never NaN) and has lse = -inf.
 
@@ -19,8 +21,8 @@ online softmax, O(L) memory, custom_vjp; the CPU default), "pallas" (Mosaic-styl
 kernels; interpret mode off TPU), "auto". On GPU "auto" uses cuDNN's fused
 attention through `jax.nn.dot_product_attention(implementation="cudnn")` when the
 call is one cuDNN supports (bf16/fp16, head dim <= 128 and a multiple of 8, no
-segment ids or explicit positions, causal only with L == S since cuDNN aligns
-causal masks top-left, no lse requested) and the blocked xla path otherwise.
+segment ids, explicit positions or sink keys, causal only with L == S since cuDNN
+aligns causal masks top-left, no lse requested) and the blocked xla path otherwise.
 On TPU "auto" is the Pallas kernels, except with explicit positions (xla).
 """
 import math
@@ -38,7 +40,7 @@ def default_positions(batch, q_len, kv_len):
     return (jnp.broadcast_to(q_pos, (batch, q_len)), jnp.broadcast_to(kv_pos, (batch, kv_len)))
 
 
-def mask_of(q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS, causal, window):
+def mask_of(q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS, causal, window, sink=0):
     """Boolean [B, L, S]: True where query l may attend to key s. None if unmasked."""
     mask = None
 
@@ -48,15 +50,18 @@ def mask_of(q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS, causal, window):
     if causal or window:
         mask = kv_pos_BS[:, None, :] <= q_pos_BL[:, :, None]
     if window:
-        mask = both(mask, kv_pos_BS[:, None, :] > q_pos_BL[:, :, None] - window)
+        recent = kv_pos_BS[:, None, :] > q_pos_BL[:, :, None] - window
+        if sink:
+            recent = recent | (kv_pos_BS[:, None, :] < sink)
+        mask = both(mask, recent)
     if q_seg_BL is not None:
         mask = both(mask, q_seg_BL[:, :, None] == kv_seg_BS[:, None, :])
     return mask
 
 
 def attention_reference(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                        q_positions=None, kv_positions=None, sliding_window=None, scale=None,
-                        upcast=True):
+                        q_positions=None, kv_positions=None, sliding_window=None, sink=0,
+                        scale=None, upcast=True):
     """The oracle: materialises [B, Hkv, G, L, S]. Returns (out, lse [B, Hq, L] fp32).
 
     With upcast=False everything runs in the input dtype (the "same-dtype plain
@@ -72,7 +77,8 @@ def attention_reference(q, k, v, *, causal=False, q_segment_ids=None, kv_segment
     kv_pos = dkv_pos if kv_positions is None else kv_positions
     q_BLHGD = q.astype(dtype).reshape(b, l, hkv, g, d)
     s = jnp.einsum("blhgd,bshd->bhgls", q_BLHGD, k.astype(dtype)) * jnp.asarray(scale, dtype)
-    mask_BLS = mask_of(q_pos, kv_pos, q_segment_ids, kv_segment_ids, causal, sliding_window)
+    mask_BLS = mask_of(q_pos, kv_pos, q_segment_ids, kv_segment_ids, causal, sliding_window,
+                       sink)
     if mask_BLS is not None:
         s = jnp.where(mask_BLS[:, None, None], s, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
@@ -86,7 +92,7 @@ def attention_reference(q, k, v, *, causal=False, q_segment_ids=None, kv_segment
     return o.reshape(b, l, hq, d).astype(q.dtype), lse.reshape(b, hq, l)
 
 
-def _check(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sliding_window):
+def _check(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sliding_window, sink):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention: q, k, v must be [B, L, H, D]; got shapes "
                          f"{q.shape}, {k.shape}, {v.shape}")
@@ -105,6 +111,11 @@ def _check(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sliding_window):
     if sliding_window is not None and int(sliding_window) < 1:
         raise ValueError(f"attention: sliding_window must be >= 1 (or None), "
                          f"got {sliding_window}")
+    if int(sink) < 0:
+        raise ValueError(f"attention: sink must be >= 0, got {sink}")
+    if sink and sliding_window is None:
+        raise ValueError(f"attention: sink={sink} needs a sliding_window (sink keys are "
+                         f"the ones kept visible outside the window)")
 
 
 def split_segment_ids(segment_ids, q_len, kv_len):
@@ -136,12 +147,13 @@ def _attention_cudnn(q, k, v, causal, sliding_window, scale):
 
 
 def choose_impl(impl, q, k, *, causal=False, segment_ids=None, q_positions=None,
-                kv_positions=None, return_lse=False):
+                kv_positions=None, return_lse=False, sink=0):
     """The implementation `attention` runs for these arguments ("cudnn" only on GPU)."""
     resolved = _impl.resolve(impl, "attention")
     if impl == "auto" and jax.default_backend() == "gpu":
         q_seg, _ = split_segment_ids(segment_ids, q.shape[1], k.shape[1])
-        if _cudnn_ok(q, k, causal, q_seg, q_positions, kv_positions, return_lse):
+        if not sink and _cudnn_ok(q, k, causal, q_seg, q_positions, kv_positions,
+                                  return_lse):
             return "cudnn"
     if impl == "auto" and resolved == "pallas" and (q_positions is not None
                                                     or kv_positions is not None):
@@ -164,8 +176,8 @@ def decode_attention(q_BKGD, k_BKSD, v_BKSD, mask_BS, scale=None):
     return o.astype(q_BKGD.dtype)
 
 
-def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, scale=None,
-              impl="auto", return_lse=False, q_positions=None, kv_positions=None):
+def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, sink=0,
+              scale=None, impl="auto", return_lse=False, q_positions=None, kv_positions=None):
     """Attention over q [B, L, Hq, D], k/v [B, S, Hkv, D] -> out [B, L, Hq, D].
 
     See the module docstring for masking semantics. With return_lse=True returns
@@ -174,12 +186,13 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
     `jaxmix.ops.attention_xla.merge_partials`.
     """
     q_seg, kv_seg = split_segment_ids(segment_ids, q.shape[1], k.shape[1])
-    _check(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sliding_window)
+    _check(q, k, v, q_seg, kv_seg, q_positions, kv_positions, sliding_window, sink)
     window = None if sliding_window is None else int(sliding_window)
+    sink = int(sink)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     impl = choose_impl(impl, q, k, causal=causal, segment_ids=segment_ids,
                        q_positions=q_positions, kv_positions=kv_positions,
-                       return_lse=return_lse)
+                       return_lse=return_lse, sink=sink)
     if impl == "cudnn":
         try:
             return _attention_cudnn(q, k, v, causal, window, scale)
@@ -187,7 +200,7 @@ def attention(q, k, v, *, causal=False, segment_ids=None, sliding_window=None, s
             impl = "xla"  # cuDNN refused this shape at trace time: use the blocked path
     kw = dict(causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
               q_positions=q_positions, kv_positions=kv_positions, sliding_window=window,
-              scale=scale)
+              sink=sink, scale=scale)
     if impl == "reference":
         out, lse = attention_reference(q, k, v, **kw)
     elif impl == "xla":

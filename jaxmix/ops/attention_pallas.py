@@ -36,15 +36,15 @@ def _rows(x_BHL, length):
     return jnp.broadcast_to(x[..., None], x.shape + (fa.LANES,))
 
 
-def _prepare(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k):
+def _prepare(q, k, v, q_seg, kv_seg, causal, window, sink, scale, block_q, block_k):
     b, l, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     dp = _round_up(d, fa.LANES)
     bq = min(block_q, _round_up(l, fa.LANES))
     bk = min(block_k, _round_up(s_len, fa.LANES))
     lp, sp = _round_up(l, bq), _round_up(s_len, bk)
-    spec = fa.Spec(causal=bool(causal), window=window, scale=float(scale), q_len=l,
-                   kv_len=s_len, offset=s_len - l, block_q=bq, block_k=bk,
+    spec = fa.Spec(causal=bool(causal), window=window, sink=sink, scale=float(scale),
+                   q_len=l, kv_len=s_len, offset=s_len - l, block_q=bq, block_k=bk,
                    groups=hq // hkv, segments=q_seg is not None)
     segs = (None, None)
     if q_seg is not None:
@@ -55,15 +55,16 @@ def _prepare(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k):
     return spec, lp, sp, dp, segs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _flash(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k, interpret):
-    return _forward(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
+def _flash(q, k, v, q_seg, kv_seg, causal, window, sink, scale, block_q, block_k, interpret):
+    return _forward(q, k, v, q_seg, kv_seg, causal, window, sink, scale, block_q, block_k,
                     interpret)[0]
 
 
-def _forward(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k, interpret):
+def _forward(q, k, v, q_seg, kv_seg, causal, window, sink, scale, block_q, block_k,
+             interpret):
     b, l, hq, d = q.shape
-    spec, lp, sp, dp, segs = _prepare(q, k, v, q_seg, kv_seg, causal, window, scale,
+    spec, lp, sp, dp, segs = _prepare(q, k, v, q_seg, kv_seg, causal, window, sink, scale,
                                       block_q, block_k)
     o, lse = fa.flash_fwd(_to_kernel(q, lp, dp), _to_kernel(k, sp, dp), _to_kernel(v, sp, dp),
                           *segs, spec, interpret=interpret)
@@ -72,11 +73,11 @@ def _forward(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k, in
     return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def _backward(causal, window, scale, block_q, block_k, interpret, res, cts):
+def _backward(causal, window, sink, scale, block_q, block_k, interpret, res, cts):
     q, k, v, q_seg, kv_seg, out, lse = res
     dout, dlse = cts
     l, d, s_len = q.shape[1], q.shape[3], k.shape[1]
-    spec, lp, sp, dp, segs = _prepare(q, k, v, q_seg, kv_seg, causal, window, scale,
+    spec, lp, sp, dp, segs = _prepare(q, k, v, q_seg, kv_seg, causal, window, sink, scale,
                                       block_q, block_k)
     delta = jnp.einsum("blhd,blhd->bhl", dout.astype(jnp.float32), out.astype(jnp.float32))
     if dlse is not None:
@@ -90,22 +91,26 @@ def _backward(causal, window, scale, block_q, block_k, interpret, res, cts):
     return back(dq, l), back(dk, s_len), back(dv, s_len), None, None
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k, interpret):
-    return _forward(q, k, v, q_seg, kv_seg, causal, window, scale, block_q, block_k, interpret)
+def _flash_fwd(q, k, v, q_seg, kv_seg, causal, window, sink, scale, block_q, block_k,
+               interpret):
+    return _forward(q, k, v, q_seg, kv_seg, causal, window, sink, scale, block_q, block_k,
+                    interpret)
 
 
 _flash.defvjp(_flash_fwd, _backward)
 
 
 def attention_pallas(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                     q_positions=None, kv_positions=None, sliding_window=None, scale=None,
-                     block_q=BLOCK_Q, block_k=BLOCK_K, interpret=None):
-    """(out [B, L, Hq, D], lse [B, Hq, L] fp32) from the Pallas kernels."""
+                     q_positions=None, kv_positions=None, sliding_window=None, sink=0,
+                     scale=None, block_q=BLOCK_Q, block_k=BLOCK_K, interpret=None):
+    """(out [B, L, Hq, D], lse [B, Hq, L] fp32) from the Pallas kernels. `sink` keys
+    stay visible outside the sliding window (ignored without one)."""
     if q_positions is not None or kv_positions is not None:
         raise ValueError("attention(impl='pallas'): q_positions/kv_positions are not "
                          "supported; use impl='xla'")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     interpret = tpu_kernel_interpret() if interpret is None else interpret
     window = None if sliding_window is None else int(sliding_window)
-    return _flash(q, k, v, q_segment_ids, kv_segment_ids, bool(causal), window, scale,
+    sink = int(sink) if window else 0
+    return _flash(q, k, v, q_segment_ids, kv_segment_ids, bool(causal), window, sink, scale,
                   int(block_q), int(block_k), interpret)

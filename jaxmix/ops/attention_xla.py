@@ -2,14 +2,17 @@
 
 Internally q is laid out [B, Hkv, G, L, D] and k, v [B, Hkv, S, D], cut into
 blocks of `block_q` queries and `block_k` keys. The forward walks query blocks
-(fori_loop) and, for each, the key blocks between the first and the last live one
-(a while loop with bounds depending on the query block), keeping the running max
+(fori_loop) and, for each, only its live key blocks (a list per query block, so a
+sink and a window cost their own blocks and nothing in between), keeping the running max
 `m`, denominator `l` and fp32 accumulator: never more than one [bq, bk] tile of
 scores per head. Blocks are classified from per-block min/max of positions and
 segment ids: *dead* (no pair can attend: skipped), *full* (every pair attends: no
 mask is built) or *partial* (masked). With sorted positions and packed segments
-this skips everything above the causal diagonal, outside the window and between
-documents, and is still exact (only conservative) for arbitrary positions.
+this skips everything above the causal diagonal, outside the sink and the window and
+between documents, and is still exact (only conservative) for arbitrary positions.
+
+With a sliding window of W < 512 the tiles shrink to the power of two >= W (at
+least 128), so that streaming attention costs O(L x (sink + W)).
 
 The backward (custom_vjp; residuals are q, k, v, out, lse only) is one fused pass:
 key blocks outer, live query blocks inner, recomputing p = exp(s - lse) once per
@@ -82,7 +85,7 @@ def _block_range(x_BL, n, size):
     return x.min(-1), x.max(-1)
 
 
-def make_ctx(t, batch, q_pos, kv_pos, q_seg, kv_seg, causal, window):
+def make_ctx(t, batch, q_pos, kv_pos, q_seg, kv_seg, causal, window, sink=0):
     dq, dkv = default_positions(batch, t.q_len, t.kv_len)
     q_pos = _pad_edge(jnp.asarray(dq if q_pos is None else q_pos, jnp.int32), t.nq * t.bq)
     kv_pos = _pad_edge(jnp.asarray(dkv if kv_pos is None else kv_pos, jnp.int32), t.nk * t.bk)
@@ -97,8 +100,8 @@ def make_ctx(t, batch, q_pos, kv_pos, q_seg, kv_seg, causal, window):
         live &= klo <= qhi
         full &= khi <= qlo
     if window:
-        live &= khi > qlo - window
-        full &= klo > qhi - window
+        live &= (khi > qlo - window) | (klo < sink)
+        full &= (klo > qhi - window) | (khi < sink)
     if q_seg is not None:
         slo, shi = (a[:, :, None] for a in _block_range(q_seg, t.nq, t.bq))
         tlo, thi = (a[:, None, :] for a in _block_range(kv_seg, t.nk, t.bk))
@@ -110,7 +113,7 @@ def make_ctx(t, batch, q_pos, kv_pos, q_seg, kv_seg, causal, window):
     return Ctx(q_pos, kv_pos, q_seg, kv_seg, kind.astype(jnp.int32))
 
 
-def _tile_mask(ctx, t, i, j, causal, window):
+def _tile_mask(ctx, t, i, j, causal, window, sink):
     """[B, 1, 1, bq, bk] mask of query block i against key block j (padding included)."""
     q_pos = jax.lax.dynamic_slice_in_dim(ctx.q_pos, i * t.bq, t.bq, 1)
     kv_pos = jax.lax.dynamic_slice_in_dim(ctx.kv_pos, j * t.bk, t.bk, 1)
@@ -118,19 +121,28 @@ def _tile_mask(ctx, t, i, j, causal, window):
     if ctx.q_seg is not None:
         q_seg = jax.lax.dynamic_slice_in_dim(ctx.q_seg, i * t.bq, t.bq, 1)
         kv_seg = jax.lax.dynamic_slice_in_dim(ctx.kv_seg, j * t.bk, t.bk, 1)
-    mask = mask_of(q_pos, kv_pos, q_seg, kv_seg, causal, window)
+    mask = mask_of(q_pos, kv_pos, q_seg, kv_seg, causal, window, sink)
     valid = (j * t.bk + jnp.arange(t.bk)) < t.kv_len
     mask = valid[None, None, :] if mask is None else mask & valid[None, None, :]
     return mask[:, None, None]
 
 
-def _live_bounds(kind_row):
-    """First and one-past-last index of nonzero entries of a 1-D kind row."""
-    live = kind_row > 0
-    n = live.shape[0]
-    lo = jnp.argmax(live)
-    hi = n - jnp.argmax(live[::-1])
-    return jnp.where(jnp.any(live), lo, 0), jnp.where(jnp.any(live), hi, 0)
+def live_lists(kind):
+    """(order [n, m], count [n]) of a [n, m] kind table: order[i, :count[i]] are the
+    live (nonzero) columns of row i in increasing order, so loops visit only those
+    (a sink plus a window are two separate runs of live blocks)."""
+    live = kind > 0
+    order = jnp.argsort(~live, axis=1, stable=True).astype(jnp.int32)
+    return order, live.sum(1).astype(jnp.int32)
+
+
+def block_sizes(window, block_q, block_k):
+    """Smaller tiles for a short window: a query block then reads about
+    (block + window) keys instead of rounding the window up to whole 512-blocks."""
+    if window is None or block_q != BLOCK_Q or block_k != BLOCK_K:
+        return block_q, block_k
+    size = max(128, min(BLOCK_Q, 1 << max(int(window) - 1, 1).bit_length()))
+    return size, size
 
 
 def _slice(x, start, size, axis):
@@ -164,25 +176,28 @@ def _from_blocked_q(x_BHGLD, t):
 
 
 def flash_forward(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                  q_positions=None, kv_positions=None, sliding_window=None, scale=None,
-                  block_q=BLOCK_Q, block_k=BLOCK_K, out_dtype=None):
+                  q_positions=None, kv_positions=None, sliding_window=None, sink=0,
+                  scale=None, block_q=BLOCK_Q, block_k=BLOCK_K, out_dtype=None):
     """Non-differentiable forward: (out [B, L, Hq, D] in out_dtype or q.dtype, lse [B, Hq, L]).
 
     Ring attention asks for out_dtype=float32 so merged partial outputs stay exact.
     """
     b, l, hq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    t = tiling(l, k.shape[1], block_q, block_k)
+    t = tiling(l, k.shape[1], *block_sizes(sliding_window, block_q, block_k))
     ctx = make_ctx(t, b, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
-                   sliding_window)
+                   sliding_window, sink)
+    order, count = live_lists(ctx.kind)
     q_BHGLD, k_BHSD, v_BHSD = _to_blocked(q, k, v, t)
     stat_shape = q_BHGLD.shape[:3] + (t.bq,)
     axes = vma_of(q, k, v, ctx)  # loop carries vary like the data (inside shard_map)
 
-    def kv_step(i, q_blk, j, carry):
+    def kv_step(i, q_blk, n, carry):
+        j = order[i, n]
+
         def tile(masked, carry):
             m, den, acc = carry
-            mask = _tile_mask(ctx, t, i, j, causal, sliding_window) if masked else None
+            mask = _tile_mask(ctx, t, i, j, causal, sliding_window, sink) if masked else None
             s = _scores(q_blk, _slice(k_BHSD, j * t.bk, t.bk, 2), scale, mask)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
@@ -193,17 +208,16 @@ def flash_forward(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=N
                             preferred_element_type=jnp.float32)
             return m_new, alpha * den + p.sum(-1), alpha[..., None] * acc + pv
 
-        return jax.lax.switch(ctx.kind[i, j], [lambda c: c, functools.partial(tile, False),
-                                               functools.partial(tile, True)], carry)
+        return jax.lax.cond(ctx.kind[i, j] == 1, functools.partial(tile, False),
+                            functools.partial(tile, True), carry)
 
     def q_step(i, carry):
         out, lse = carry
         q_blk = _slice(q_BHGLD, i * t.bq, t.bq, 3)
-        lo, hi = _live_bounds(ctx.kind[i])
         init = cast_vma((jnp.full(stat_shape, NEG_INF, jnp.float32),
                          jnp.zeros(stat_shape, jnp.float32),
                          jnp.zeros(stat_shape + (d,), jnp.float32)), axes)
-        m, den, acc = jax.lax.fori_loop(lo, hi, functools.partial(kv_step, i, q_blk), init)
+        m, den, acc = jax.lax.fori_loop(0, count[i], functools.partial(kv_step, i, q_blk), init)
         empty = den == 0
         o_blk = acc / jnp.where(empty, 1.0, den)[..., None]
         lse_blk = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, den)))
@@ -220,7 +234,7 @@ def flash_forward(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=N
 
 def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=False, q_segment_ids=None,
                    kv_segment_ids=None, q_positions=None, kv_positions=None,
-                   sliding_window=None, scale=None, block_q=BLOCK_Q, block_k=BLOCK_K,
+                   sliding_window=None, sink=0, scale=None, block_q=BLOCK_Q, block_k=BLOCK_K,
                    grad_dtype=None):
     """Gradients (dq, dk, dv) given the (merged) out, lse and their cotangents.
 
@@ -231,9 +245,9 @@ def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=False, q_segmen
     s_len, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    t = tiling(l, s_len, block_q, block_k)
+    t = tiling(l, s_len, *block_sizes(sliding_window, block_q, block_k))
     ctx = make_ctx(t, b, q_positions, kv_positions, q_segment_ids, kv_segment_ids, causal,
-                   sliding_window)
+                   sliding_window, sink)
     q_BHGLD, k_BHSD, v_BHSD = _to_blocked(q, k, v, t)
     do_BHGLD, o_BHGLD = _q_blocked(dout, t, hkv), _q_blocked(out, t, hkv)
     delta = jnp.sum(do_BHGLD.astype(jnp.float32) * o_BHGLD.astype(jnp.float32), -1)
@@ -243,12 +257,15 @@ def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=False, q_segmen
                                 ((0, 0),) * 3 + ((0, t.nq * t.bq - l),))
     lse_BHGL = jnp.where(lse_BHGL == NEG_INF, 0.0, lse_BHGL)
     kv_kind = ctx.kind.T
+    order, count = live_lists(kv_kind)
     axes = vma_of(q, k, v, out, lse, dout, dlse, ctx)  # loop carries vary like the data
 
-    def q_step(j, k_blk, v_blk, i, carry):
+    def q_step(j, k_blk, v_blk, n, carry):
+        i = order[j, n]
+
         def tile(masked, carry):
             dq, dk, dv = carry
-            mask = _tile_mask(ctx, t, i, j, causal, sliding_window) if masked else None
+            mask = _tile_mask(ctx, t, i, j, causal, sliding_window, sink) if masked else None
             q_blk = _slice(q_BHGLD, i * t.bq, t.bq, 3)
             do_blk = _slice(do_BHGLD, i * t.bq, t.bq, 3)
             s = _scores(q_blk, k_blk, scale, mask)
@@ -265,16 +282,16 @@ def flash_backward(q, k, v, out, lse, dout, dlse=None, *, causal=False, q_segmen
                 preferred_element_type=jnp.float32)
             return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * t.bq, 3), dk, dv
 
-        return jax.lax.switch(kv_kind[j, i], [lambda c: c, functools.partial(tile, False),
-                                              functools.partial(tile, True)], carry)
+        return jax.lax.cond(kv_kind[j, i] == 1, functools.partial(tile, False),
+                            functools.partial(tile, True), carry)
 
     def kv_step(j, carry):
         dq, dk, dv = carry
         k_blk, v_blk = (_slice(x, j * t.bk, t.bk, 2) for x in (k_BHSD, v_BHSD))
-        lo, hi = _live_bounds(kv_kind[j])
         acc_shape = k_blk.shape
         zeros = cast_vma(jnp.zeros(acc_shape, jnp.float32), axes)
-        dq, dk_blk, dv_blk = jax.lax.fori_loop(lo, hi, functools.partial(q_step, j, k_blk, v_blk),
+        dq, dk_blk, dv_blk = jax.lax.fori_loop(0, count[j],
+                                               functools.partial(q_step, j, k_blk, v_blk),
                                                (dq, zeros, zeros))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_blk.astype(dk.dtype), j * t.bk, 2)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_blk.astype(dv.dtype), j * t.bk, 2)
@@ -299,27 +316,29 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out.astype(out_a.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, window, scale, block_q, block_k):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11, 12))
+def _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, window, sink, scale, block_q,
+           block_k):
     return flash_forward(q, k, v, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                          q_positions=q_pos, kv_positions=kv_pos, sliding_window=window,
-                         scale=scale, block_q=block_q, block_k=block_k)
+                         sink=sink, scale=scale, block_q=block_q, block_k=block_k)
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, window, scale, block_q, block_k):
-    out, lse = _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, window, scale, block_q,
-                      block_k)
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, window, sink, scale, block_q,
+               block_k):
+    out, lse = _flash(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, window, sink, scale,
+                      block_q, block_k)
     return (out, lse), (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
 
 
-def _flash_bwd(causal, window, scale, block_q, block_k, res, cts):
+def _flash_bwd(causal, window, sink, scale, block_q, block_k, res, cts):
     q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
     dout, dlse = cts
     dq, dk, dv = flash_backward(q, k, v, out, lse, dout, dlse, causal=causal,
                                 q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                 q_positions=q_pos, kv_positions=kv_pos,
-                                sliding_window=window, scale=scale, block_q=block_q,
-                                block_k=block_k)
+                                sliding_window=window, sink=sink, scale=scale,
+                                block_q=block_q, block_k=block_k)
     return dq, dk, dv, None, None, None, None
 
 
@@ -327,8 +346,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention_xla(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                  q_positions=None, kv_positions=None, sliding_window=None, scale=None,
-                  block_q=BLOCK_Q, block_k=BLOCK_K):
+                  q_positions=None, kv_positions=None, sliding_window=None, sink=0,
+                  scale=None, block_q=BLOCK_Q, block_k=BLOCK_K):
     """Differentiable blocked attention: (out [B, L, Hq, D], lse [B, Hq, L] fp32)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # Inside shard_map q, k, v get one varying type, so that the cotangents (which vary
@@ -336,4 +355,5 @@ def attention_xla(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=N
     q, k, v = match_vma((q, k, v), q, k, v, q_segment_ids, kv_segment_ids, q_positions,
                         kv_positions)
     return _flash(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                  bool(causal), sliding_window, scale, int(block_q), int(block_k))
+                  bool(causal), sliding_window, int(sink) if sliding_window else 0, scale,
+                  int(block_q), int(block_k))

@@ -7,11 +7,12 @@ the blocked FlashAttention forward (`ops.attention_xla.flash_forward`) of its
 queries against the visiting block and merges the normalised partial output by
 its log-sum-exp, in fp32. The transfer of the next block is issued before the
 current hop's compute so XLA can overlap the two. A hop whose block no query can
-see (causal by true positions, sliding window, segment-id ranges) is skipped by
-`lax.cond`; inside a hop the kernel itself skips dead tiles. A hop calls the kernel
-on slices of the local queries in turn (`q_chunks`), so the kernels' own O(L/N)
-temporaries stay a fraction of the shard; partial outputs and gradients come back
-from the kernels in fp32 (`out_dtype` / `grad_dtype`), whatever the input dtype.
+see (causal by true positions, sliding window and its sink keys, segment-id ranges)
+is skipped by `lax.cond`; inside a hop the kernel itself skips dead tiles. A hop
+calls the kernel on slices of the local queries in turn (`q_chunks`), so the
+kernels' own O(L/N) temporaries stay a fraction of the shard; partial outputs and
+gradients come back from the kernels in fp32 (`out_dtype` / `grad_dtype`),
+whatever the input dtype.
 
 Layouts (see `zigzag.py`): "contiguous" (device i holds tokens [iL/N, (i+1)L/N))
 or "zigzag" (device i holds chunks i and 2N-1-i of 2N), which gives every device
@@ -53,6 +54,7 @@ class RingCfg(NamedTuple):
     axis_name: str
     causal: bool
     window: Optional[int]
+    sink: int          # keys at positions < sink stay visible outside the window
     scale: float
     block_q: int
     block_k: int
@@ -67,13 +69,17 @@ def _rotate(tree, axis_name):
     return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
 
 
-def hop_is_live(q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS, causal, window):
-    """False only if no (query, key) pair of these shards can attend (conservative)."""
+def hop_is_live(q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS, causal, window, sink=0):
+    """False only if no (query, key) pair of these shards can attend (conservative).
+
+    With a window, a block is live when some key is recent enough for some query, or
+    holds a sink key (position < sink); either way it must also be causally visible."""
     live = jnp.ones(q_pos_BL.shape[:1], bool)
     if causal or window:
         live &= kv_pos_BS.min(1) <= q_pos_BL.max(1)
     if window:
-        live &= kv_pos_BS.max(1) > q_pos_BL.min(1) - window
+        recent = kv_pos_BS.max(1) > q_pos_BL.min(1) - window
+        live &= (recent | (kv_pos_BS.min(1) < sink)) if sink else recent
     if q_seg_BL is not None:
         live &= (kv_seg_BS.min(1) <= q_seg_BL.max(1)) & (kv_seg_BS.max(1) >= q_seg_BL.min(1))
     return jnp.any(live)
@@ -83,12 +89,12 @@ def _mask_kw(cfg, q_seg, q_pos, blk):
     _, _, kv_seg, kv_pos = blk
     return dict(causal=cfg.causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                 q_positions=q_pos, kv_positions=kv_pos, sliding_window=cfg.window,
-                scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
+                sink=cfg.sink, scale=cfg.scale, block_q=cfg.block_q, block_k=cfg.block_k)
 
 
 def _live(cfg, q_seg, q_pos, blk):
     _, _, kv_seg, kv_pos = blk
-    return hop_is_live(q_pos, kv_pos, q_seg, kv_seg, cfg.causal, cfg.window)
+    return hop_is_live(q_pos, kv_pos, q_seg, kv_seg, cfg.causal, cfg.window, cfg.sink)
 
 
 def _chunk_loop(cfg, fn, carry):
@@ -211,8 +217,8 @@ def _n_chunks(shard_len, q_chunks, min_chunk=1024):
 
 
 def ring_attention(q, k, v, *, axis_name="sequence", causal=False, segment_ids=None,
-                   layout="contiguous", positions=None, sliding_window=None, scale=None,
-                   block_q=RING_BLOCK, block_k=RING_BLOCK, q_chunks=None):
+                   layout="contiguous", positions=None, sliding_window=None, sink=0,
+                   scale=None, block_q=RING_BLOCK, block_k=RING_BLOCK, q_chunks=None):
     """Exact attention of this device's queries over the keys of the whole ring.
 
     Per-device shards: q [B, L/N, Hq, D], k and v [B, L/N, Hkv, D] (Hq % Hkv == 0,
@@ -220,6 +226,8 @@ def ring_attention(q, k, v, *, axis_name="sequence", causal=False, segment_ids=N
     this shard's tokens): tokens attend only within their segment, across shards.
     `positions` [B, L/N] int: the true positions of this shard's tokens (queries and
     keys alike), used for causal / window masking; by default derived from `layout`.
+    `sink` (needs `sliding_window`): keys at positions < sink stay visible to every
+    later query outside the window (attention sinks, as `ops.attention`).
     A query that sees no key outputs 0. Differentiable in q, k, v (ring backward).
     Each hop runs the kernel on `q_chunks` slices of the local queries in turn (auto:
     up to 8 slices of >= 1024 queries), bounding the kernels' own temporaries.
@@ -232,16 +240,23 @@ def ring_attention(q, k, v, *, axis_name="sequence", causal=False, segment_ids=N
     if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"ring_attention: self-attention shards need k/v with q's B, L, D; "
                          f"got q {q.shape}, k {k.shape}")
+    window = None if not sliding_window else int(sliding_window)
+    sink = int(sink)
+    if sink < 0:
+        raise ValueError(f"ring_attention: sink must be >= 0, got {sink}")
+    if sink and window is None:
+        raise ValueError(f"ring_attention: sink={sink} needs a sliding_window (sink keys "
+                         f"are the ones kept visible outside the window)")
     b, l = q.shape[:2]
     q_seg, kv_seg = split_segment_ids(segment_ids, l, l)
     if positions is None:
         positions = shard_positions(layout, axis_name, b, l)
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, l))
-    window = None if not sliding_window else int(sliding_window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     bq, bk = _block_sizes(layout, l, int(block_q), int(block_k))
     c = _n_chunks(l, q_chunks)
-    cfg = RingCfg(axis_name, bool(causal), window, scale, bq, bk, l // c, c)
+    cfg = RingCfg(axis_name=axis_name, causal=bool(causal), window=window, sink=sink,
+                  scale=scale, block_q=bq, block_k=bk, q_chunk=l // c, n_chunks=c)
     # One varying type for q, k, v (positions always vary over axis_name), so the ring
     # backward's cotangents match them; a replicated input's gradient is then psummed.
     q, k, v = match_vma((q, k, v), q, k, v, q_seg, kv_seg, positions)
@@ -250,7 +265,7 @@ def ring_attention(q, k, v, *, axis_name="sequence", causal=False, segment_ids=N
 
 def sequence_parallel_attention(q_BLHD, k_BLKD, v_BLKD, *, causal=True, segment_ids=None,
                                 positions=None, layout="zigzag", sliding_window=None,
-                                scale=None, axis_name="sequence", impl="auto"):
+                                sink=0, scale=None, axis_name="sequence", impl="auto"):
     """Attention over global arrays, as ring attention over the ambient mesh's `axis_name`.
 
     For use inside a jit'd model running under `jax.set_mesh(mesh)`: q [B, L, Hq, D],
@@ -260,14 +275,15 @@ def sequence_parallel_attention(q_BLHD, k_BLKD, v_BLKD, *, causal=True, segment_
     layout and back inside (two collective-permutes each way), so callers keep the
     natural order; rotary embeddings applied before the call stay correct.
     `positions` [B, L] (masking positions; default the token index 0..L-1, as
-    `ops.attention`). Without such a mesh axis (or of size 1) this is `ops.attention`.
+    `ops.attention`). `sink` as in `ops.attention` (needs `sliding_window`).
+    Without such a mesh axis (or of size 1) this is `ops.attention`.
     """
     check_layout(layout)
     n = mesh_axis_size(axis_name)
     if n == 1:
         return ops.attention(q_BLHD, k_BLKD, v_BLKD, causal=causal, segment_ids=segment_ids,
-                             sliding_window=sliding_window, scale=scale, impl=impl,
-                             q_positions=positions, kv_positions=positions)
+                             sliding_window=sliding_window, sink=sink, scale=scale,
+                             impl=impl, q_positions=positions, kv_positions=positions)
     bsz, length = q_BLHD.shape[:2]
     parts = 2 * n if layout == "zigzag" else n
     if length % parts:
@@ -288,7 +304,7 @@ def sequence_parallel_attention(q_BLHD, k_BLKD, v_BLKD, *, causal=True, segment_
         o = ring_attention(q, k, v, axis_name=axis_name, causal=causal,
                            segment_ids=extras.get("seg"), layout=layout,
                            positions=extras.get("pos"), sliding_window=sliding_window,
-                           scale=scale)
+                           sink=sink, scale=scale)
         return zigzag_to_contiguous(o, axis_name) if layout == "zigzag" else o
 
     spec = jax.sharding.PartitionSpec(None, axis_name)

@@ -9,9 +9,11 @@
 A case: {"n": ring size, "causal": bool, "layout": "contiguous"|"zigzag", "hq": int,
 "hkv": int, "segments": bool, "masked_rows": bool (q and kv segment ids differ so
 some queries see no key), "q_chunks": kernel calls per hop, "window": sliding window,
-"check_vma": the shard_map's (default True; all optional)}. Each line reports the
-largest absolute error of the output and of dq, dk, dv against
-`ops.attention(impl="reference")`.
+"sink": sink keys kept outside the window, "check_vma": the shard_map's (default
+True), "wrapper": run through `sequence_parallel_attention` in a jit on a mesh of
+just the sequence axis instead of `ring_attention` in a shard_map (all optional)}. Each line reports the largest absolute error of the output and
+of dq, dk, dv against dense attention under the mask of tests/masks.py (`visible`,
+written independently of jaxmix's mask code).
 """
 import json
 import os
@@ -21,13 +23,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
 
-from jaxmix import ops, parallel  # noqa: E402
+from jaxmix import parallel  # noqa: E402
+from masks import masked_attention, visible  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 B, L, D = 2, 128, 16
@@ -50,16 +54,26 @@ def make_inputs(case, seed=0):
     return q, k, v, dout, seg
 
 
-def reference(q, k, v, dout, seg, causal, window=None):
+def expected_mask(seg, causal, window=None, sink=0):
+    """[B, L, L] bool from masks.visible (seg: None, [B, L] or a pair (q, kv))."""
+    q_seg, kv_seg = seg if isinstance(seg, tuple) else (seg, seg)
+    return visible(B, L, L, causal=causal, window=window, sink=sink, q_seg=q_seg,
+                   kv_seg=kv_seg)
+
+
+def reference(q, k, v, dout, seg, causal, window=None, sink=0):
+    """Output and grads of sum(o * dout) under masks.visible's mask, dense fp32."""
+    mask = expected_mask(seg, causal, window, sink)
+
     def loss(q, k, v):
-        o = ops.attention(q, k, v, causal=causal, segment_ids=seg, sliding_window=window,
-                          impl="reference")
+        o, _ = masked_attention(q, k, v, mask)
         return jnp.sum(o * dout), o
     (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return o, grads
 
 
-def ring_fn(n, causal, layout, has_seg, q_chunks=None, window=None, check_vma=True):
+def ring_fn(n, causal, layout, has_seg, q_chunks=None, window=None, check_vma=True,
+            sink=0):
     mesh = jax.make_mesh((n,), ("sequence",), axis_types=(AxisType.Auto,),
                          devices=jax.devices()[:n])
     spec = P(None, "sequence")
@@ -67,17 +81,39 @@ def ring_fn(n, causal, layout, has_seg, q_chunks=None, window=None, check_vma=Tr
     def body(q, k, v, seg):
         return parallel.ring_attention(q, k, v, axis_name="sequence", causal=causal,
                                        segment_ids=seg if has_seg else None, layout=layout,
-                                       q_chunks=q_chunks, sliding_window=window)
+                                       q_chunks=q_chunks, sliding_window=window,
+                                       sink=sink)
 
     return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
                          check_vma=check_vma)
 
 
+def run_wrapper(case, q, k, v, dout, seg):
+    """Output and grads of `sequence_parallel_attention` (token order in and out; the
+    zigzag layout is applied inside) on a mesh of just the n-device sequence axis."""
+    from jaxmix.parallel.ring_attention import sequence_parallel_attention
+    mesh = jax.make_mesh((case["n"],), ("sequence",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:case["n"]])
+
+    def loss(q, k, v):
+        o = sequence_parallel_attention(q, k, v, causal=case["causal"], segment_ids=seg,
+                                        layout=case["layout"],
+                                        sliding_window=case.get("window"),
+                                        sink=case.get("sink", 0))
+        return jnp.sum(o * dout), o
+    with jax.set_mesh(mesh):
+        (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+            q, k, v)
+    return np.asarray(o), [np.asarray(g) for g in grads]
+
+
 def run_ring(case, q, k, v, dout, seg):
     """Ring output and grads, in token order (zigzag applied and undone outside jit)."""
+    if case.get("wrapper"):
+        return run_wrapper(case, q, k, v, dout, seg)
     n, layout = case["n"], case["layout"]
     fn = ring_fn(n, case["causal"], layout, seg is not None, case.get("q_chunks"),
-                 case.get("window"), case.get("check_vma", True))
+                 case.get("window"), case.get("check_vma", True), case.get("sink", 0))
     zig = layout == "zigzag"
     z = (lambda x: np.asarray(parallel.to_zigzag(x, n))) if zig else np.asarray
     unz = (lambda x: np.asarray(parallel.from_zigzag(np.asarray(x), n))) if zig else np.asarray
@@ -96,7 +132,8 @@ def run_ring(case, q, k, v, dout, seg):
 
 def check(case):
     q, k, v, dout, seg = make_inputs(case)
-    o_ref, g_ref = reference(q, k, v, dout, seg, case["causal"], case.get("window"))
+    o_ref, g_ref = reference(q, k, v, dout, seg, case["causal"], case.get("window"),
+                             case.get("sink", 0))
     o, g = run_ring(case, q, k, v, dout, seg)
     row = dict(case, out_err=float(jnp.max(jnp.abs(o - o_ref))))
     for name, a, b in zip(("dq", "dk", "dv"), g, g_ref):
