@@ -222,7 +222,9 @@ def test_errors_are_one_line(tmp_path):
         workdir.load_params(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied", "llama_untied_bias"])
+# GQA with groups of 2 runs by default in test_duo.py; here MQA, biases and head_dim 16
+@pytest.mark.parametrize("name", [pytest.param("llama_gqa_tied", marks=pytest.mark.exhaustive),
+                                  "llama_untied_bias"])
 def test_duo_attention_on_imported_llama(hf_dirs, name):
     """DuoAttention on an imported Llama (GQA; MQA with q/k/v biases and head_dim 16):
     all heads kept = HF's logits; a mixed choice of heads, reordered, decodes with two

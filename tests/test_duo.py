@@ -31,10 +31,11 @@ def gate_cfg(impl):
                      duo_recent=RECENT)
 
 
-# pallas (interpreted, ~40 s) runs with -m exhaustive; the default run covers its sink +
-# window kernels against tests/masks.py in test_flash_pallas.py
-@pytest.mark.parametrize("impl", ["reference", "xla",
-                                  pytest.param("pallas", marks=pytest.mark.exhaustive)])
+# reference and pallas (interpreted, ~40 s) run with -m exhaustive; the default run checks
+# their sink + window attention against tests/masks.py in test_attention.py and
+# test_flash_pallas.py, and the gate mixing is the same code for every impl
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=pytest.mark.exhaustive),
+                                  "xla", pytest.param("pallas", marks=pytest.mark.exhaustive)])
 def test_gates_at_one_and_zero_are_full_and_streaming_attention(impl):
     """alpha = 1: the plain mixer; alpha = 0: the sink + recent mask of tests/masks.py
     (through the same projections); forward and gradients, 1e-5."""

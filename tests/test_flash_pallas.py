@@ -91,7 +91,7 @@ SEG_BLOCKS = dict(block_q=32, block_k=128)
                  None, GENERIC, id="sink0-window-gqa", marks=pytest.mark.exhaustive),
     # a chunk of 100 queries at the end of 512 keys (bottom-right), sink and window
     pytest.param(1, 100, 512, 1, 1, dict(causal=True, sliding_window=90, sink=100, **SMALL),
-                 None, GENERIC, id="sink-window-L<S"),
+                 None, GENERIC, id="sink-window-L<S", marks=pytest.mark.exhaustive),
 ])
 def test_pallas_masks_multi_block(b, l, s, hq, hkv, kw, segments, interpret):
     q, k, v = make_qkv(l + 3 * s, b, l, s, hq, hkv, 32)
