@@ -3,6 +3,7 @@ in a subprocess (the device count is fixed when jax starts)."""
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -19,6 +20,16 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 # backend): about a third less time for a suite that mostly compiles small programs.
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+# One persistent compilation cache per test run (fresh, so nothing from an earlier run
+# or another JAX version is read): train.py subprocesses that resume, restart or
+# repeat a run with the same config reuse the programs compiled the first time. The
+# environment variables reach JAX before it starts and every subprocess inherits them.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"jaxmix-test-compile-cache-{_RUN_ID}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def devices_env(n):
