@@ -48,9 +48,7 @@ def load(a):
         cfg = passkey_shape()
         params = nn.unbox(jax.jit(models.build(cfg).init)(
             jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
-    for entry in cfg.mixers.values():
-        if "max_cache_len" in entry:
-            entry.max_cache_len = max(a.contexts) + a.steps + 1
+    gen.set_max_cache_len(cfg, max(a.contexts) + a.steps + 1)
     return cfg, params
 
 

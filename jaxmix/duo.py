@@ -98,9 +98,8 @@ def make_step(model_config, layers, lr, steps, reg, sink, recent):
     opt_state, metrics)) of gate training."""
     teacher = models.build(model_config)
     student = models.build(with_duo(model_config, gates=True, sink=sink, recent=recent))
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "gate" if path[-1].key == "duo_alpha" else "frozen",
-        add_gates(_abstract_params(teacher), layers))
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "gate" if path[-1].key == "duo_alpha" else "frozen", params)
     tx = optax.multi_transform({"gate": optax.adamw(schedule(lr, steps), weight_decay=0.0),
                                 "frozen": optax.set_to_zero()}, labels)
 
@@ -124,12 +123,6 @@ def make_step(model_config, layers, lr, steps, reg, sink, recent):
         return params, opt_state, metrics
 
     return tx, step
-
-
-def _abstract_params(model):
-    import flax.linen as nn
-    return nn.unbox(jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]))
 
 
 # ----------------------------------------------------------------------------- identify
@@ -293,11 +286,11 @@ def deploy(model_config, params, retrieval, layers, sink=DEPLOY_SINK, recent=DEP
     if sink < 0 or recent < 1:
         raise ConfigError(f"duo: --sink={sink} must be >= 0 and --recent={recent} >= 1")
     counts = [-1] * cfg.n_layers
+    mixer_cfgs = [mixer_cfg for _, _, mixer_cfg in models.layer_mixers(cfg)]
     out = dict(params)
     for row, i in zip(np.asarray(retrieval, bool), layers, strict=True):
         order = np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)])
-        mixer_cfg = models.layer_mixers(cfg)[i][2]
-        hd = head_shape(mixer_cfg)[2]
+        hd = head_shape(mixer_cfgs[i])[2]
         layer = dict(out[f"layers_{i}"])
         layer["mixer"] = _permute_heads(layer["mixer"], order, info[i], hd)
         out[f"layers_{i}"] = layer

@@ -172,6 +172,13 @@ def _tokenizer(workdir):
     return AutoTokenizer.from_pretrained(path)
 
 
+def set_max_cache_len(model_cfg, n):
+    """Sets max_cache_len of every model.mixers entry that has one (in place)."""
+    for entry in model_cfg.mixers.values():
+        if "max_cache_len" in entry:
+            entry.max_cache_len = n
+
+
 def load_for_decoding(a):
     """(model, params, config) of the CLI's workdir, with its --max_cache_len and --duo
     settings applied."""
@@ -180,9 +187,7 @@ def load_for_decoding(a):
     if a.max_cache_len is not None:
         if a.max_cache_len < 1:
             raise ConfigError(f"--max_cache_len={a.max_cache_len} must be positive")
-        for entry in model_cfg.mixers.values():
-            if "max_cache_len" in entry:
-                entry.max_cache_len = a.max_cache_len
+        set_max_cache_len(model_cfg, a.max_cache_len)
     model_cfg, params, _ = duo.deploy_from_args(a, model_cfg, params,
                                                 config.train.get("seq_len"))
     config.model = model_cfg

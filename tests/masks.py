@@ -55,3 +55,13 @@ def masked_attention(q, k, v, mask_BLS, scale=None):
     lse = jnp.where(den[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(jnp.where(
         den[..., 0] == 0, 1.0, den[..., 0])))
     return out.astype(q.dtype), lse
+
+
+def masked_attend(**mask_kw):
+    """A stand-in for `Attention.attend` (monkeypatched in) that attends with
+    `masked_attention` under `visible(..., **mask_kw)`: a mixer's forward through the
+    same projections, with jaxmix's attention replaced by the independent one."""
+    def attend(self, q, k, v, *args, **kwargs):
+        mask = visible(q.shape[0], q.shape[1], k.shape[1], **mask_kw)
+        return masked_attention(q, k, v, mask)[0], None
+    return attend

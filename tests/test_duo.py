@@ -15,7 +15,7 @@ from jaxmix import duo, models
 from jaxmix import generate as gen
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.attention import Attention
-from masks import masked_attention, visible
+from masks import masked_attend
 
 SINK, RECENT = 3, 6
 
@@ -62,9 +62,7 @@ def test_gates_at_one_and_zero_are_full_and_streaming_attention(impl):
                 np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     # the streaming reference itself against the independent mask
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Attention, "attend", lambda self, q, k, v, *a, **kw: (masked_attention(
-            q, k, v, visible(1, q.shape[1], k.shape[1], causal=True, window=RECENT,
-                             sink=SINK))[0], None))
+        mp.setattr(Attention, "attend", masked_attend(causal=True, window=RECENT, sink=SINK))
         want = streaming.apply({"params": base}, x)[0]
     np.testing.assert_allclose(jax.jit(streaming.apply)({"params": base}, x)[0], want,
                                atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ from jaxmix import generate as gen
 from jaxmix import models
 from jaxmix.errors import ConfigError
 from jaxmix.mixers import kv_cache
-from masks import visible
+from masks import masked_attend
 
 
 def lm(**attention):
@@ -76,13 +76,8 @@ def test_sliding_window_forward_matches_independent_mask():
     params = jax.jit(m.init)(jax.random.PRNGKey(0), x)
     got = jax.jit(m.apply)(params, x)[0]
 
-    def capture(mdl, q, k, v, *a, **kw):  # swap the attention for the independent mask
-        from masks import masked_attention
-        mask = visible(1, q.shape[1], k.shape[1], causal=True, window=5, sink=3)
-        return masked_attention(q, k, v, mask)[0], None
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Attention, "attend", capture)
+        mp.setattr(Attention, "attend", masked_attend(causal=True, window=5, sink=3))
         want = m.apply(params, x)[0]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

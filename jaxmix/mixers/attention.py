@@ -218,12 +218,13 @@ class Attention(nn.Module):
             o_BLHD = kv_cache.poison(o_BLHD, kv_cache.overflowed(index, length, part.n_slots))
         return o_BLHD, new_k, new_v
 
-    def attend_duo_gates(self, q_BLHD, k_BLKD, v_BLKD, segment_ids, full_BLHD):
+    def attend_duo_gates(self, q_BLHD, k_BLKD, v_BLKD, segment_ids):
         """Gate training: alpha x full + (1 - alpha) x streaming per KV head."""
         cfg = self.cfg
         hq, hkv = q_BLHD.shape[2], k_BLKD.shape[2]
         alpha_K = self.param("duo_alpha", nn.with_logical_partitioning(
             nn.initializers.ones, ("kv_heads",)), (hkv,), jnp.float32)
+        full_BLHD = self.sequence_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids, None)
         stream_BLHD = self.sequence_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids,
                                               cfg.duo_recent, cfg.duo_sink)
         a_H = jnp.repeat(alpha_K, hq // hkv)[:, None].astype(full_BLHD.dtype)
@@ -241,12 +242,11 @@ class Attention(nn.Module):
     def attend(self, q_BLHD, k_BLKD, v_BLKD, q_pos_BL, segment_ids, cache, decode):
         """(attention output [B, L, Hq, D], new cache or None): over the cache parts
         when decoding, else over the sequence with each part's mask."""
+        if not decode and self.cfg.get("duo_gates", False):
+            return self.attend_duo_gates(q_BLHD, k_BLKD, v_BLKD, segment_ids), None
         g = q_BLHD.shape[2] // k_BLKD.shape[2]
         parts = self.parts(cache["k"].shape[1] if decode and "k" in cache
                            else self.cfg.max_cache_len)
-        if not decode and self.cfg.get("duo_gates", False):
-            full = self.sequence_attention(q_BLHD, k_BLKD, v_BLKD, segment_ids, None)
-            return self.attend_duo_gates(q_BLHD, k_BLKD, v_BLKD, segment_ids, full), None
         outs, new_cache = [], {}
         for part in parts:
             q, k, v = (q_BLHD[:, :, part.lo * g:part.hi * g], k_BLKD[:, :, part.lo:part.hi],
