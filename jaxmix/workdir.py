@@ -16,7 +16,6 @@ import os
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -132,10 +131,7 @@ def restore_params(checkpoint_dir, step=None):
 
 def check_params(model, params, where):
     """One-line error when `params` do not fit `model` (names or shapes)."""
-    import flax.linen as nn
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, 1), jnp.int32))["params"])
-    want = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
+    want = jax.tree_util.tree_flatten_with_path(models.abstract_params(model))[0]
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     name = lambda path: "/".join(str(getattr(p, "key", p)) for p in path)
     have = {name(p): v for p, v in got.items()}
@@ -149,10 +145,15 @@ def check_params(model, params, where):
                               f"{tuple(leaf.shape)}")
 
 
-def load_workdir(workdir, step=None):
+def load_workdir(workdir, step=None, family="lm"):
     """(model, params, config) from a workdir: its config.json and the params of its
-    latest (or `step`'s) checkpoint; the optimizer state is not read."""
+    latest (or `step`'s) checkpoint; the optimizer state is not read. A model of another
+    `family` is a one-line error (sampling and evaluation need a language model)."""
     config = read_config(workdir)
+    found = config.model.get("family", "lm")
+    if found != family:
+        raise ConfigError(f"--workdir {workdir} holds a model of family {found!r}; this "
+                          f"command needs model.family={family!r}")
     model = models.build(config.model)
     params, _ = restore_params(os.path.join(workdir, "checkpoints"), step)
     check_params(model, params, f"--workdir {workdir}")

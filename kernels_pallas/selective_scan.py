@@ -16,11 +16,20 @@ tiles "arbitrary" (innermost), the [N, block_d] state carried across time tiles
 in an fp32 VMEM scratch. The backward walks the time tiles in reverse, recomputes
 the block_l states of one tile from its saved start state into a VMEM buffer and
 runs the reverse recurrence g_t = C_t dy_t + a_{t+1} g_{t+1}; nothing of size
-[B, L, D, N] is ever written to HBM. Inputs may be bf16; all maths is fp32 (tiles
-of the [B, L, D] operands are cast into an fp32 VMEM buffer once per grid step, so
-the per-step row accesses never touch packed bf16 rows). The kernels use TPU-only
-pieces (pltpu.VMEM scratch, pltpu.CompilerParams), which the GPU Pallas backends do
-not take, so `ops` picks the xla path on GPU.
+[B, L, D, N] is ever written to HBM.
+
+reverse=True (h_t = a_t h_{t+1} + b_t, see ops.selective_scan) is the same pair of
+kernels walking time the other way: the forward maps grid step j to time tile
+n_l-1-j and runs each tile's steps from the last row to the first (hs then holds the
+state entering each tile from the right), the backward walks the tiles and the rows
+forwards. Padded steps sit at the end, so the reverse scan meets them first; with
+delta = 0 they leave the state (and, backward, g) unchanged either way.
+
+Inputs may be bf16; all maths is fp32 (tiles of the [B, L, D] operands are cast into
+an fp32 VMEM buffer once per grid step, so the per-step row accesses never touch
+packed bf16 rows). The kernels use TPU-only pieces (pltpu.VMEM scratch,
+pltpu.CompilerParams), which the GPU Pallas backends do not take, so `ops` picks the
+xla path on GPU.
 """
 import functools
 
@@ -72,7 +81,12 @@ def _advance(h_ND, dl, u, a_ND, bT, lane, t):
     return jnp.exp(dl * a_ND) * h_ND + (dl * u) * _column(bT, lane, t)
 
 
-def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
+def _order(reverse, n):
+    """Step k of a walk over 0..n-1: k, or n-1-k when `reverse`."""
+    return (lambda k: n - 1 - k) if reverse else (lambda k: k)
+
+
+def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z, reverse):
     if has_z:
         (u_ref, dl_ref, z_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, h0_ref,
          y_ref, hlast_ref, hs_ref, h_scr, io) = refs
@@ -80,9 +94,11 @@ def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
         (u_ref, dl_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, h0_ref,
          y_ref, hlast_ref, hs_ref, h_scr, io) = refs
         z_ref = None
-    l = pl.program_id(2)
+    j = pl.program_id(2)
+    l = _order(reverse, n_l)(j)           # this grid step's time tile
+    row = _order(reverse, block_l)        # scan step k of the tile -> its row
 
-    @pl.when(l == 0)
+    @pl.when(j == 0)
     def _():
         h_scr[...] = h0_ref[0].astype(f32)
 
@@ -91,7 +107,8 @@ def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
         io, ((U, u_ref), (DL, dl_ref), (Z, z_ref)), aT_ref, dskip_ref, bias_ref, bT_ref,
         cT_ref, block_l)
 
-    def step(t, h_ND):
+    def step(k, h_ND):
+        t = row(k)
         valid = l * block_l + t < length
         u = io[U, pl.ds(t, 1), :]
         _, dl = _delta(io, bias, t, valid, softplus)
@@ -107,12 +124,12 @@ def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
     h_scr[...] = h_ND
     y_ref[0] = io[Y].astype(y_ref.dtype)
 
-    @pl.when(l == n_l - 1)
+    @pl.when(j == n_l - 1)
     def _():
         hlast_ref[0] = h_ND
 
 
-def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
+def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z, reverse):
     if has_z:
         (u_ref, dl_ref, z_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, hs_ref, dy_ref,
          dhl_ref, du_ref, ddl_ref, dz_ref, dbT_ref, dcT_ref, dA_ref, dD_ref, dbias_ref,
@@ -123,7 +140,8 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
          dh0_ref, g_scr, hbuf_scr, io) = refs
         z_ref = dz_ref = None
     j = pl.program_id(2)
-    l = n_l - 1 - j                       # time tiles run in reverse
+    l = _order(not reverse, n_l)(j)       # time tiles against the scan's direction
+    row = _order(reverse, block_l)        # scan step k of the tile -> its row
 
     @pl.when(j == 0)
     def _():
@@ -136,7 +154,8 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
         io, ((U, u_ref), (DL, dl_ref), (Z, z_ref), (DY, dy_ref)), aT_ref, dskip_ref,
         bias_ref, bT_ref, cT_ref, block_l)
 
-    def recompute(t, h_ND):
+    def recompute(k, h_ND):
+        t = row(k)
         valid = l * block_l + t < length
         _, dl = _delta(io, bias, t, valid, softplus)
         h_ND = _advance(h_ND, dl, io[U, pl.ds(t, 1), :], a_ND, bT, lane, t)
@@ -145,9 +164,9 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
 
     jax.lax.fori_loop(0, block_l, recompute, hs_ref[0, 0])
 
-    def reverse(k, carry):
+    def backward(k, carry):
         g_ND, dA_ND, dD_1D, db_1D, dbT_NL, dcT_NL = carry
-        t = block_l - 1 - k
+        t = row(block_l - 1 - k)
         valid = l * block_l + t < length
         u = io[U, pl.ds(t, 1), :]
         raw, dl = _delta(io, bias, t, valid, softplus)
@@ -162,7 +181,7 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
             dy = dy * z * sz
         g_ND = g_ND + c_N1 * dy
         dlu = dl * u
-        s_ND = g_ND * (h_ND - dlu * b_N1)           # g_t * a_t * h_{t-1}
+        s_ND = g_ND * (h_ND - dlu * b_N1)           # g_t * a_t * h_prev
         r2 = jnp.sum(g_ND * b_N1, axis=0, keepdims=True)
         ddl = jnp.sum(s_ND * a_ND, axis=0, keepdims=True) + u * r2
         if softplus:
@@ -180,7 +199,7 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
     zeros_NL = jnp.zeros(bT.shape, f32)
     init = (g_scr[...], jnp.zeros(a_ND.shape, f32), jnp.zeros(dskip.shape, f32),
             jnp.zeros(bias.shape, f32), zeros_NL, zeros_NL)
-    g_ND, dA_ND, dD_1D, db_1D, dbT_NL, dcT_NL = jax.lax.fori_loop(0, block_l, reverse, init)
+    g_ND, dA_ND, dD_1D, db_1D, dbT_NL, dcT_NL = jax.lax.fori_loop(0, block_l, backward, init)
     g_scr[...] = g_ND
     for k, ref in ((DU, du_ref), (DDL, ddl_ref), (DZ, dz_ref)):
         if ref is not None:
@@ -198,7 +217,7 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z):
 
 def _specs(b, n, block_l, block_d, n_l, reverse):
     """BlockSpecs for the (b, d, l) grid; `reverse` maps grid step j to tile n_l-1-j."""
-    lt = (lambda j: n_l - 1 - j) if reverse else (lambda j: j)
+    lt = _order(reverse, n_l)
     return dict(
         BLD=pl.BlockSpec((1, block_l, block_d), lambda i, d, j: (i, lt(j), d)),
         BNL=pl.BlockSpec((1, n, block_l), lambda i, d, j: (i, 0, lt(j))),
@@ -223,20 +242,23 @@ def _check(u, bT, block_l, block_d):
     return b, lp, dp, bT.shape[1]
 
 
-@functools.partial(jax.jit, static_argnames=("length", "softplus", "block_l", "block_d",
-                                             "interpret"))
+STATIC = ("length", "softplus", "block_l", "block_d", "interpret", "reverse")
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
 def scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, *, length, softplus, block_l,
-             block_d, interpret=False):
-    """Returns y [B, Lp, Dp] (u's dtype), h_last [B, N, Dp] fp32, hs [B, nL, N, Dp] fp32."""
+             block_d, interpret=False, reverse=False):
+    """Returns y [B, Lp, Dp] (u's dtype), h_last [B, N, Dp] fp32, hs [B, nL, N, Dp] fp32
+    (hs[:, l]: the state entering time tile l in the scan's direction)."""
     b, lp, dp, n = _check(u, bT, block_l, block_d)
     n_l = lp // block_l
-    s = _specs(b, n, block_l, block_d, n_l, reverse=False)
+    s = _specs(b, n, block_l, block_d, n_l, reverse=reverse)
     has_z = z is not None
     ins = [u, delta] + ([z] if has_z else []) + [bT, cT, aT, dskip, bias, h0]
     in_specs = [s["BLD"], s["BLD"]] + ([s["BLD"]] if has_z else []) + [
         s["BNL"], s["BNL"], s["ND"], s["OD"], s["OD"], s["BND"]]
     kernel = functools.partial(_fwd_kernel, length=length, block_l=block_l, n_l=n_l,
-                               softplus=softplus, has_z=has_z)
+                               softplus=softplus, has_z=has_z, reverse=reverse)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -252,17 +274,16 @@ def scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, *, length, softplus, bloc
     )(*ins)
 
 
-@functools.partial(jax.jit, static_argnames=("length", "softplus", "block_l", "block_d",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=STATIC)
 def scan_bwd(u, delta, z, bT, cT, aT, dskip, bias, hs, dy, dh_last, *, length, softplus,
-             block_l, block_d, interpret=False):
+             block_l, block_d, interpret=False, reverse=False):
     """Gradients: du, ddelta (before bias/softplus), dz (or None) [B, Lp, Dp] in the
     dtypes of u, delta, z;
     dbT, dcT partial sums [B, Dp / block_d, N, Lp]; dA^T, dD, dbias per batch row
     ([B, N, Dp], [B, 1, Dp], [B, 1, Dp]); dh0 [B, N, Dp]."""
     b, lp, dp, n = _check(u, bT, block_l, block_d)
     n_l, n_d = lp // block_l, dp // block_d
-    s = _specs(b, n, block_l, block_d, n_l, reverse=True)
+    s = _specs(b, n, block_l, block_d, n_l, reverse=not reverse)
     has_z = z is not None
     ins = [u, delta] + ([z] if has_z else []) + [bT, cT, aT, dskip, bias, hs, dy, dh_last]
     in_specs = [s["BLD"], s["BLD"]] + ([s["BLD"]] if has_z else []) + [
@@ -276,7 +297,7 @@ def scan_bwd(u, delta, z, bT, cT, aT, dskip, bias, hs, dy, dh_last, *, length, s
     out_specs = [s["BLD"], s["BLD"]] + ([s["BLD"]] if has_z else []) + [
         s["PART"], s["PART"], s["BND"], s["B1D"], s["B1D"], s["BND"]]
     kernel = functools.partial(_bwd_kernel, length=length, block_l=block_l, n_l=n_l,
-                               softplus=softplus, has_z=has_z)
+                               softplus=softplus, has_z=has_z, reverse=reverse)
     outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -23,6 +23,12 @@ taking every gradient from g_t and h_t. dB and dC are sums over channels, writte
 as one partial row per channel block ([B, Dp / block_d, L, Np], reduced by the
 caller); dA, dD and ddelta_bias are per-batch partials. Inputs may be bf16; all
 maths is fp32.
+
+reverse=True (h_t = a_t h_{t+1} + b_t, see ops.selective_scan) is a flag of both
+kernels: the forward walks the chunks from the last (the ragged one) to the first
+and each chunk's rows from its end (hs[:, ci] is then the state entering chunk ci
+from the right); the backward recomputes a chunk in that same order and walks the
+chunks and rows forwards. L is not padded, so no step needs masking either way.
 """
 import functools
 
@@ -55,7 +61,12 @@ def _advance(h_DN, a_DN, dl_D, u_D, b_N):
     return jnp.exp(dl_D[:, None] * a_DN) * h_DN + (dl_D * u_D)[:, None] * b_N[None, :]
 
 
-def _fwd_kernel(*refs, length, chunk, softplus, has_z):
+def _walk(lo, hi, k, backwards):
+    """Step k of a walk over the rows lo..hi-1: lo + k, or hi-1-k when `backwards`."""
+    return hi - 1 - k if backwards else lo + k
+
+
+def _fwd_kernel(*refs, length, chunk, softplus, has_z, reverse):
     if has_z:
         (u_ref, dl_ref, z_ref, b_ref, c_ref, a_ref, dskip_ref, bias_ref, h0_ref,
          y_ref, hlast_ref, hs_ref) = refs
@@ -77,17 +88,21 @@ def _fwd_kernel(*refs, length, chunk, softplus, has_z):
         y_ref[t, :] = y_D.astype(y_ref.dtype)
         return h_DN
 
-    def chunk_body(ci, h_DN):
+    n_chunks = pl.cdiv(length, chunk)
+
+    def chunk_body(j, h_DN):
+        ci = _walk(0, n_chunks, j, reverse)
         hs_ref[ci] = h_DN
         t0 = ci * chunk
-        return jax.lax.fori_loop(t0, jnp.minimum(t0 + chunk, length), step, h_DN)
+        t1 = jnp.minimum(t0 + chunk, length)
+        return jax.lax.fori_loop(0, t1 - t0, lambda k, h: step(_walk(t0, t1, k, reverse), h),
+                                 h_DN)
 
-    h_DN = jax.lax.fori_loop(0, pl.cdiv(length, chunk), chunk_body,
-                             h0_ref[...].astype(f32))
+    h_DN = jax.lax.fori_loop(0, n_chunks, chunk_body, h0_ref[...].astype(f32))
     hlast_ref[...] = h_DN
 
 
-def _bwd_kernel(*refs, length, chunk, softplus, has_z, barrier):
+def _bwd_kernel(*refs, length, chunk, softplus, has_z, reverse, barrier):
     if has_z:
         (u_ref, dl_ref, z_ref, b_ref, c_ref, a_ref, dskip_ref, bias_ref, hs_ref, dy_ref,
          dhl_ref, du_ref, ddl_ref, dz_ref, db_ref, dc_ref, da_ref, dskip_out, dbias_out,
@@ -104,22 +119,23 @@ def _bwd_kernel(*refs, length, chunk, softplus, has_z, barrier):
     sync = pltriton.debug_barrier if barrier else (lambda: None)
 
     def chunk_body(j, carry):
-        ci = n_chunks - 1 - j
+        ci = _walk(0, n_chunks, j, not reverse)   # chunks against the scan's direction
         t0 = ci * chunk
         t1 = jnp.minimum(t0 + chunk, length)
 
-        def recompute(t, h_DN):
+        def recompute(k, h_DN):
+            t = _walk(t0, t1, k, reverse)
             _, dl_D = _delta(dl_ref, bias_D, t, softplus)
             h_DN = _advance(h_DN, a_DN, dl_D, _row(u_ref, t), _row(b_ref, t))
             hbuf_ref[t - t0] = h_DN
             return h_DN
 
-        jax.lax.fori_loop(t0, t1, recompute, hs_ref[ci])
+        jax.lax.fori_loop(0, t1 - t0, recompute, hs_ref[ci])
         sync()
 
-        def reverse(k, carry):
+        def backward(k, carry):
             g_DN, dA_DN, dD_D, dbias_D = carry        # g_DN = dLoss/dh_t, C_t dy_t not yet in
-            t = t1 - 1 - k
+            t = _walk(t0, t1, k, not reverse)
             u_D = _row(u_ref, t)
             raw_D, dl_D = _delta(dl_ref, bias_D, t, softplus)
             b_N, c_N = _row(b_ref, t), _row(c_ref, t)
@@ -134,7 +150,7 @@ def _bwd_kernel(*refs, length, chunk, softplus, has_z, barrier):
                 dy_D = dy_D * (z_D * sz_D)
             g_DN = g_DN + dy_D[:, None] * c_N[None, :]
             dlu_D = dl_D * u_D
-            s_DN = g_DN * (h_DN - dlu_D[:, None] * b_N[None, :])    # g_t a_t h_{t-1}
+            s_DN = g_DN * (h_DN - dlu_D[:, None] * b_N[None, :])    # g_t a_t h_prev
             gb_D = jnp.sum(g_DN * b_N[None, :], axis=1)
             ddl_D = jnp.sum(s_DN * a_DN, axis=1) + u_D * gb_D
             if softplus:
@@ -146,7 +162,7 @@ def _bwd_kernel(*refs, length, chunk, softplus, has_z, barrier):
             return (jnp.exp(dl_D[:, None] * a_DN) * g_DN, dA_DN + s_DN * dl_D[:, None],
                     dD_D + u_D * dy_D, dbias_D + ddl_D)
 
-        carry = jax.lax.fori_loop(0, t1 - t0, reverse, carry)
+        carry = jax.lax.fori_loop(0, t1 - t0, backward, carry)
         sync()
         return carry
 
@@ -193,13 +209,14 @@ def _specs(length, n, block_d, chunk, n_chunks):
     )
 
 
-STATIC = ("softplus", "block_d", "chunk", "interpret", "num_warps", "num_stages")
+STATIC = ("softplus", "block_d", "chunk", "interpret", "reverse", "num_warps", "num_stages")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, *, softplus, block_d, chunk,
-             interpret=False, num_warps=4, num_stages=1):
-    """Returns y [B, L, Dp] (u's dtype), h_last [B, Dp, Np] fp32, hs [B, nC, Dp, Np] fp32."""
+             interpret=False, reverse=False, num_warps=4, num_stages=1):
+    """Returns y [B, L, Dp] (u's dtype), h_last [B, Dp, Np] fp32, hs [B, nC, Dp, Np] fp32
+    (hs[:, ci]: the state entering chunk ci in the scan's direction)."""
     bsz, length, dp, n, n_d, n_chunks = _check(u, b, block_d, chunk)
     s = _specs(length, n, block_d, chunk, n_chunks)
     has_z = z is not None
@@ -207,7 +224,7 @@ def scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, *, softplus, block_d, chunk,
     in_specs = [s["BLD"]] * (3 if has_z else 2) + [
         s["BLN"], s["BLN"], s["DN"], s["D"], s["D"], s["BDN"]]
     kernel = functools.partial(_fwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               has_z=has_z)
+                               has_z=has_z, reverse=reverse)
     return pl.pallas_call(
         kernel,
         grid=(bsz, n_d),
@@ -224,7 +241,7 @@ def scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, *, softplus, block_d, chunk,
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def scan_bwd(u, delta, z, b, c, a, dskip, bias, hs, dy, dh_last, *, softplus, block_d,
-             chunk, interpret=False, num_warps=4, num_stages=1):
+             chunk, interpret=False, reverse=False, num_warps=4, num_stages=1):
     """Gradients: du, ddelta (before bias/softplus), dz (or None) [B, L, Dp] in the
     dtypes of u, delta, z; dB, dC partial sums [B, Dp / block_d, L, Np] fp32; dA
     [B, Dp, Np], dD [B, Dp], ddelta_bias [B, Dp] per batch row; dh0 [B, Dp, Np]."""
@@ -246,7 +263,7 @@ def scan_bwd(u, delta, z, b, c, a, dskip, bias, hs, dy, dh_last, *, softplus, bl
     out_specs = [s["BLD"]] * (3 if has_z else 2) + [
         s["PART"], s["PART"], s["BDN"], s["BD"], s["BD"], s["BDN"], s["BUF"]]
     kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               has_z=has_z, barrier=not interpret)
+                               has_z=has_z, reverse=reverse, barrier=not interpret)
     outs = pl.pallas_call(
         kernel,
         grid=(bsz, n_d),

@@ -102,7 +102,10 @@ def _bench_step(*flags):
     return {row["bench"]: row for row in map(json.loads, out.stdout.splitlines())}
 
 
-@pytest.mark.slow
+# The worker mode runs with -m exhaustive: 2 pinned processes joined over gloo (the
+# two-process training test covers that set-up) around the same step as the
+# single-process mode below.
+@pytest.mark.exhaustive
 @pytest.mark.skipif(cpu.cores() < 2, reason="needs 2 cores for 2 pinned workers")
 def test_bench_mamba_step_worker_per_core_mode():
     rows = _bench_step("--processes", "2")

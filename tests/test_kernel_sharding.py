@@ -1,7 +1,7 @@
 """Pallas kernels inside the sharded train step run per device (8 simulated CPU devices).
 
 One worker run (tests/workers/kernel_sharding.py) trains a Mamba + attention hybrid with
-`scan_impl=pallas` and `attn_impl=pallas` for 5 steps on one device and under the
+`scan_impl=pallas` and `attn_impl=pallas` for 2 steps on one device and under the
 meshes (data, fsdp, tensor) = (2, 2, 2) and (1, 4, 2), and walks each train step's
 jaxpr: every pallas_call must sit inside a shard_map and see per-device shards (batch /
 (data x fsdp), heads and channels / tensor), and the losses must equal the one-device run.
@@ -20,7 +20,7 @@ SPEC = {"config": "configs/transformer_lm.py:smoke",
                       "model.mixers.attention.n_kv_heads": 4,
                       "model.mixers.mamba.scan_impl": "pallas",
                       "model.mixers.attention.attn_impl": "pallas"},
-        "steps": 5}
+        "steps": 2}
 
 
 @pytest.mark.slow

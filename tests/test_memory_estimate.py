@@ -32,6 +32,7 @@ POD = {"mamba_lm": "2.8b", "transformer_lm": "llama-8b"}
 # params no longer negligible) over 8.
 CASES = [("1 device", "smoke", 1, True), ("fsdp=8", "smoke", 8, True),
          ("no remat", "smoke", 1, False), ("pod widths, fsdp=8", "pod", 8, True)]
+EXHAUSTIVE_CASES = ("no remat",)  # the same step without remat: run with -m exhaustive
 WORKER_ENV = devices_env(8)
 
 
@@ -47,8 +48,9 @@ def case_config(family, preset, remat):
     return config
 
 
-def worker(family):
-    """Prints one JSON line per case: XLA's memory analysis and the estimate's fields."""
+def worker(family, names):
+    """Prints one JSON line per case in `names`: XLA's memory analysis and the
+    estimate's fields."""
     import tempfile
 
     import jax
@@ -57,6 +59,8 @@ def worker(family):
     from jaxmix.train import memory
     from jaxmix.train.loop import Run
     for name, preset, devices, remat in CASES:
+        if name not in names:
+            continue
         config = case_config(family, preset, remat)
         with tempfile.TemporaryDirectory() as workdir:
             r = Run(config, workdir, devices=jax.devices()[:devices])
@@ -73,11 +77,12 @@ def worker(family):
             "activations": e.activations, "total": e.total}), flush=True)
 
 
-@pytest.fixture(scope="module")
-def xla_reports():
-    """{family: {case: row}}; the two families' workers run side by side."""
+def run_workers(names):
+    """{family: {case: row}} of the cases `names`; the two families' workers run side
+    by side."""
     procs = {family: subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), family], stdout=subprocess.PIPE,
+        [sys.executable, os.path.abspath(__file__), family, json.dumps(names)],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, **WORKER_ENV))
         for family in FAMILIES}
     reports = {}
@@ -89,10 +94,25 @@ def xla_reports():
     return reports
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.fixture(scope="module")
+def xla_reports():
+    return run_workers([c[0] for c in CASES if c[0] not in EXHAUSTIVE_CASES])
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES if c[0] not in EXHAUSTIVE_CASES])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_estimate_within_2x_of_xla(xla_reports, family, case):
-    row = xla_reports[family][case]
+    check_estimate(xla_reports[family][case], family, case)
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_estimate_within_2x_of_xla_without_remat(family):
+    for case in EXHAUSTIVE_CASES:
+        check_estimate(run_workers([case])[family][case], family, case)
+
+
+def check_estimate(row, family, case):
     xla_total = row["arg"] + row["out"] - row["alias"] + row["temp"]
     ratio = row["total"] / xla_total
     print(f"{family} {case}: estimate {row['total']:,} B, XLA {xla_total:,} B, "
@@ -149,4 +169,4 @@ def test_bad_chip_counts_are_one_line_errors():
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], json.loads(sys.argv[2]))

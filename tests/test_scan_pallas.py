@@ -18,21 +18,26 @@ from jaxmix.ops.selective_scan import selective_scan_reference
 from test_selective_scan import (ALL, BARE, assert_close, fwd_bwd_temp_vs_BLDN, make_inputs,
                                  outputs_and_grads, rel_err)
 
-FAST = [((2, 37, 16, 4), ALL), ((1, 1, 130, 16), ALL), ((1, 300, 256, 4), BARE | {"z"}),
-        ((2, 150, 16, 16), BARE | {"initial_state", "delta_bias"})]
+# (shape, inputs used, extra options); the last one reverse=True over two time tiles
+# of 128, the 126 padded steps (which the reverse scan meets first) in the second, in
+# the generic Pallas interpreter (the TPU one takes twice as long for its 256 steps).
+FAST = [((2, 37, 16, 4), ALL, {}), ((1, 1, 130, 16), ALL, {}),
+        ((1, 300, 256, 4), BARE | {"z"}, {}),
+        ((2, 150, 16, 16), BARE | {"initial_state", "delta_bias"}, {}),
+        ((1, 130, 16, 4), ALL, dict(reverse=True, interpret=True))]
 GRID = list(itertools.product((1, 2), (1, 37, 300, 2048), (16, 130, 256), (4, 16)))
 
 
-def check(shape, use=ALL, **kw):
+def check(shape, use=ALL, reverse=False, **kw):
     x = make_inputs(*shape, seed=sum(shape))
-    want = outputs_and_grads(selective_scan_reference, x, use)
-    got = outputs_and_grads(selective_scan_pallas, x, use, **kw)
+    want = outputs_and_grads(selective_scan_reference, x, use, reverse=reverse)
+    got = outputs_and_grads(selective_scan_pallas, x, use, reverse=reverse, **kw)
     assert_close(got, want)
 
 
-@pytest.mark.parametrize("shape, use", FAST)
-def test_pallas_interpret_matches_reference(shape, use):
-    check(shape, use)
+@pytest.mark.parametrize("shape, use, kw", FAST)
+def test_pallas_interpret_matches_reference(shape, use, kw):
+    check(shape, use, **kw)
 
 
 def test_pallas_race_free_on_two_cores():
@@ -53,6 +58,7 @@ def test_pallas_race_free_on_two_cores():
     assert_close(got, want)
 
 
+@pytest.mark.exhaustive  # FAST: three time tiles; the race test: two channel tiles
 def test_pallas_several_time_tiles():
     """Three time tiles (the state carried in VMEM scratch across the arbitrary axis,
     the backward walking them in reverse), two channel tiles, a ragged last tile."""

@@ -23,21 +23,25 @@ GRID = list(itertools.product((1, 2), (1, 17, 256, 1000), (16, 130), (4, 16)))
 # (shape, inputs used, extra options); together every B, L, D and N of GRID, with and
 # without z and the delta bias. The second case also runs three chunks of 8 steps (the
 # last one ragged) over nine channel blocks of 16 (D = 130 padded to 144) without the
-# softplus; the last one sixteen chunks of 64 (the last ragged) with N = 4 padded to 16.
+# softplus; the fourth sixteen chunks of 64 (the last ragged) with N = 4 padded to 16;
+# the last one reverse=True over three chunks of 8 (the ragged one walked first) with D
+# and N padded.
 FAST = [((1, 1, 16, 4), ALL, {}),
         ((2, 17, 130, 16), BARE | {"D", "initial_state"},
          dict(softplus=False, chunk=8, block_d=16)),
         ((1, 256, 16, 16), BARE | {"z"}, {}),
-        ((2, 1000, 130, 4), ALL, {})]
+        ((2, 1000, 130, 4), ALL, {}),
+        ((1, 19, 20, 4), ALL, dict(reverse=True, chunk=8))]
 TRITON_CALL = re.compile(r"custom_call @__gpu\$xla\.gpu\.triton\(")
 
 
-def check(shape, use=ALL, softplus=True, **kw):
+def check(shape, use=ALL, softplus=True, reverse=False, **kw):
     x = make_inputs(*shape, seed=sum(shape))
     if not softplus:  # delta must stay positive without the softplus
         x["delta"] = jax.nn.softplus(x["delta"])
-    want = outputs_and_grads(selective_scan_reference, x, use, softplus)
-    got = outputs_and_grads(selective_scan_pallas_gpu, x, use, softplus, interpret=True, **kw)
+    want = outputs_and_grads(selective_scan_reference, x, use, softplus, reverse=reverse)
+    got = outputs_and_grads(selective_scan_pallas_gpu, x, use, softplus, interpret=True,
+                            reverse=reverse, **kw)
     assert_close(got, want)
 
 

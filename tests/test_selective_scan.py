@@ -2,7 +2,9 @@
 
 Errors are max |impl - reference| over an array divided by max |reference| of that
 array (so "1e-5" means 1e-5 of the array's own scale); forward (y and the last
-state) must agree within 1e-5 and every gradient within 1e-4 in fp32.
+state) must agree within 1e-5 and every gradient within 1e-4 in fp32. reverse=True is
+checked against the forward reference run on inputs flipped along time (`flipped`),
+then every implementation's reverse scan against the reference's.
 """
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from jaxmix.ops.scan_xla import selective_scan_xla
 from jaxmix.ops.selective_scan import selective_scan_reference
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+TIME_INDEXED = ("u", "delta", "B", "C", "z")
 
 
 def make_inputs(bsz, length, d, n, seed=0, dtype=jnp.float32):
@@ -54,6 +57,15 @@ def outputs_and_grads(fn, inputs, use, softplus=True, **kw):
     return jax.jit(lambda a: (run(a), jax.grad(loss)(a)))(args)
 
 
+def flipped(scan):
+    """The reverse scan built from the forward `scan`: every time-indexed input flipped
+    along time, y flipped back (the last state is then the one after step 0)."""
+    def reverse_scan(**a):
+        y, h = scan(**{k: jnp.flip(v, 1) if k in TIME_INDEXED else v for k, v in a.items()})
+        return jnp.flip(y, 1), h
+    return reverse_scan
+
+
 def assert_close(got, want, fwd_tol=1e-5, grad_tol=1e-4):
     (y, h), grads = got
     (y_ref, h_ref), grads_ref = want
@@ -67,16 +79,29 @@ ALL = set(NAMES)
 BARE = {"u", "delta", "A", "B", "C"}
 
 
-@pytest.mark.parametrize("shape, chunk", [
-    ((2, 37, 16, 4), 8),       # ragged: 37 = 4 chunks of 8 + 5
-    ((1, 1, 16, 4), None),     # L = 1
-    ((2, 64, 130, 16), 16),    # L a multiple of the chunk, ragged D
-    ((1, 300, 256, 16), None),  # default chunk
+def test_reference_reverse_is_the_flipped_forward():
+    """reverse=True: y and the last state (after step 0, from an initial state entering
+    after step L-1) equal the forward scan of flipped inputs (the reference's gradients
+    are autodiff of the same lax.scan; the kernels' are checked against them below)."""
+    x = make_inputs(2, 13, 8, 4, seed=6)
+    run = lambda fn, **kw: jax.jit(lambda a: fn(**a, delta_softplus=True,
+                                                return_last_state=True, **kw))(x)
+    y, h = run(selective_scan_reference, reverse=True)
+    y_want, h_want = run(flipped(selective_scan_reference))
+    assert rel_err(y, y_want) < 1e-6 and rel_err(h, h_want) < 1e-6
+
+
+@pytest.mark.parametrize("shape, chunk, reverse", [
+    ((2, 37, 16, 4), 8, False),    # ragged: 37 = 4 chunks of 8 + 5
+    ((1, 1, 16, 4), None, False),  # L = 1
+    ((2, 64, 130, 16), 16, False),  # L a multiple of the chunk, ragged D
+    ((1, 300, 256, 16), None, False),  # default chunk
+    ((2, 37, 16, 4), 8, True),     # reverse: the 3 padded steps come first
 ])
-def test_xla_matches_reference(shape, chunk):
+def test_xla_matches_reference(shape, chunk, reverse):
     x = make_inputs(*shape)
-    want = outputs_and_grads(selective_scan_reference, x, ALL)
-    got = outputs_and_grads(selective_scan_xla, x, ALL, chunk=chunk)
+    want = outputs_and_grads(selective_scan_reference, x, ALL, reverse=reverse)
+    got = outputs_and_grads(selective_scan_xla, x, ALL, chunk=chunk, reverse=reverse)
     assert_close(got, want)
 
 

@@ -102,6 +102,8 @@ BAD_INPUTS = {
     "unknown_mixer": (["--config.model.mixer_pattern=('mamba', 'bogus')"], None,
                       ["model.mixer_pattern", "bogus"]),
     "mesh_product": (["--config.mesh.data=3"], None, ["mesh", "devices"]),
+    "bidirectional_in_lm": (["--config.model.mixer_pattern=('bimamba',)"], None,
+                            ["model.mixers.bimamba", "bidirectional", "family='encoder'"]),
 }
 
 
@@ -115,12 +117,12 @@ def test_bad_input_is_one_line_error(case, tmp_path):
 
 
 @pytest.mark.slow
-def test_incompatible_workdir(tmp_path):
-    ok = run_train(SMOKE + ["--config.train.steps=2", "--config.train.checkpoint_every=1"],
-                   tmp_path)
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    bad = run_train(SMOKE + ["--config.model.d_model=48"], tmp_path)
+def test_incompatible_workdir(straight_run):
+    """The trained smoke workdir refuses another model (before anything is written)."""
+    before = sorted(os.listdir(straight_run))
+    bad = run_train(SMOKE + ["--config.model.d_model=48"], straight_run)
     one_line_error(bad, "model.d_model", "--workdir")
+    assert sorted(os.listdir(straight_run)) == before
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
-"""Data pipelines (grain): byte corpora packed into windows of seq_len + 1 tokens, or
-synthetic recall tasks (`data.source = "synthetic:NAME"`, jaxmix.data.synthetic).
+"""Data pipelines (grain): byte corpora packed into windows of seq_len + 1 tokens,
+synthetic recall tasks (`data.source = "synthetic:NAME"`, jaxmix.data.synthetic), or
+audio clips as log-mel spectrogram patches (`audio:synthetic`, `wav:GLOB`,
+jaxmix.data.audio: batches {"patches", "label"[, "mask_idx"]}).
 
     from jaxmix import data
     pipe = data.build(config, process_index=0, process_count=1)

@@ -55,6 +55,16 @@ class _GatherRows:
 class StepPipeline:
     """A train dataset indexed by step, iterated with background prefetch."""
 
+    def set_rows(self, config, process_index, process_count):
+        """Batch sizes, seed and this process's rows [p*b, (p+1)*b) of every global batch."""
+        self.global_batch = config.train.batch_size
+        self.local_batch = self.global_batch // process_count
+        self.eval_batches = config.train.eval_batches
+        self.seed = int(config.train.seed)
+        self.process_index, self.process_count = process_index, process_count
+        start = process_index * self.local_batch
+        self.rows = range(start, start + self.local_batch)
+
     def new_train_iter(self):
         """A fresh train iterator positioned at step 0."""
         read_options = grain.ReadOptions(num_threads=PREFETCH_THREADS,
@@ -210,13 +220,7 @@ class SyntheticPipeline(StepPipeline):
     def __init__(self, config, *, process_index, process_count):
         self.name = synthetic.task_name(config)
         self.seq_len = config.train.seq_len
-        self.global_batch = config.train.batch_size
-        self.local_batch = self.global_batch // process_count
-        self.eval_batches = config.train.eval_batches
-        self.seed = int(config.train.seed)
-        self.process_index, self.process_count = process_index, process_count
-        start = process_index * self.local_batch
-        self.rows = range(start, start + self.local_batch)
+        self.set_rows(config, process_index, process_count)
         self.args = synthetic.task_args(config, "train")
         self._val_args = synthetic.task_args(config, "val")
         self.train_dataset = grain.MapDataset.range(self.STEPS).map(
@@ -246,6 +250,10 @@ def build(config, process_index=0, process_count=1):
     """Build the data pipeline for one process from `config.data` and `config.train`."""
     _check_shapes(config, process_index, process_count)
     source = config.data.source
+    if isinstance(source, str) and (source == "audio:synthetic" or source.startswith("wav:")):
+        from jaxmix.data.audio import AudioPipeline  # audio imports StepPipeline from here
+        return AudioPipeline(config, process_index=process_index,
+                             process_count=process_count)
     if isinstance(source, str) and source.startswith("synthetic:"):
         if "synthetic" not in config.data:
             raise ConfigError("data.synthetic: missing; synthetic sources take their "

@@ -4,6 +4,9 @@ Every mixer is a flax.linen Module built as `cls(cfg=mixer_config, name=...)`, w
 `mixer_config` holds the model's shared fields (d_model, n_layers, dtype, ...) and the
 mixer's own (its class's DEFAULTS, overridden by its entry in model.mixers). It has
   DEFAULTS                 {field: default} of its own config fields
+  CAUSAL                   True: sees only earlier positions (LM and decoding);
+                           False: bidirectional (the encoder family only);
+                           None: set by its config's `causal` field
   FIXED_SIZE_CACHE         True when init_cache's size does not grow with max_len
                            (recurrent state), False for a KV cache
   __call__(x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
@@ -26,6 +29,8 @@ REGISTRY = {
     "moh": "jaxmix.mixers.moh:MoH",
     "gdn": "jaxmix.mixers.gdn:GatedDeltaNet",
     "mom": "jaxmix.mixers.mom:MoM",
+    "bimamba": "jaxmix.mixers.bimamba:BiMamba",
+    "mambamixer": "jaxmix.mixers.mambamixer:MambaMixer",
 }
 
 
@@ -36,3 +41,10 @@ def get(name):
                           f"choose from {sorted(REGISTRY)}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def is_causal(cls, cfg):
+    """Whether the mixer class `cls` built with config `cfg` sees only earlier
+    positions."""
+    causal = getattr(cls, "CAUSAL", True)
+    return bool(cfg.get("causal", True)) if causal is None else causal

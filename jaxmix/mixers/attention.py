@@ -47,9 +47,10 @@ from jaxmix.nn import DenseGeneral, compute_dtype, constrain, scaled_init, torch
 
 # n_kv_heads 0: = n_heads; head_dim 0: d_model // n_heads; sliding_window 0: none;
 # sink: keys at positions < sink stay visible to a sliding window (StreamingLLM).
+# causal False: every position sees every other (the encoder family; no decoding).
 DEFAULTS = dict(n_heads=4, n_kv_heads=0, head_dim=0, rope_theta=10000.0, sliding_window=0,
                 sink=0, attn_impl="auto", attn_bias=False, max_cache_len=2048,
-                ring_layout="zigzag")
+                ring_layout="zigzag", causal=True)
 KV_AXES = ("batch", "cache_length", "kv_heads", "kv")
 CACHE_AXES = {"k": KV_AXES, "v": KV_AXES, "sk": KV_AXES, "sv": KV_AXES, "index": ()}
 
@@ -78,6 +79,10 @@ def check_config(cfg, where="model.mixers.attention"):
         raise ConfigError(f"{where}.sink={cfg.sink}: sink keys need a sliding_window > 0 "
                           f"(and sink >= 0)")
     r = cfg.get("duo_retrieval", -1)
+    if not cfg.get("causal", True) and (cfg.sliding_window or r >= 0
+                                        or cfg.get("duo_gates", False)):
+        raise ConfigError(f"{where}.causal=False: bidirectional attention takes no "
+                          f"sliding_window or DuoAttention heads")
     if r >= 0 or cfg.get("duo_gates", False):
         if cfg.sliding_window:
             raise ConfigError(f"{where}: DuoAttention on a sliding-window layer is not "
@@ -118,6 +123,7 @@ def rotary(x_BLHD, positions_BL, theta):
 class Attention(nn.Module):
     cfg: Any
     DEFAULTS = DEFAULTS
+    CAUSAL = None  # cfg.causal
     FIXED_SIZE_CACHE = False  # the KV cache holds max_len tokens
     DUO = True  # takes model.duo's per-layer retrieval heads (models.layer_mixers)
     check_config = staticmethod(check_config)
@@ -231,10 +237,10 @@ class Attention(nn.Module):
         return a_H * full_BLHD + (1 - a_H) * stream_BLHD
 
     def sequence_attention(self, q_BLHD, k_BLKD, v_BLKD, segment_ids, window, sink=0):
-        """Causal attention over the whole sequence (ring attention across
-        mesh.sequence > 1)."""
+        """Attention over the whole sequence, causal unless cfg.causal is False (ring
+        attention across mesh.sequence > 1)."""
         o_BLHD = parallel.sequence_parallel_attention(
-            q_BLHD, k_BLKD, v_BLKD, causal=True, segment_ids=segment_ids,
+            q_BLHD, k_BLKD, v_BLKD, causal=self.cfg.get("causal", True), segment_ids=segment_ids,
             sliding_window=window, sink=sink, impl=self.cfg.attn_impl,
             layout=self.cfg.ring_layout)
         return constrain(o_BLHD, ("batch", "length", "heads", "kv"))
@@ -276,6 +282,8 @@ class Attention(nn.Module):
                  train=False):
         del train  # no dropout or routing
         bsz, length, _ = x_BLD.shape
+        if decode and not self.cfg.get("causal", True):
+            raise ValueError("attention with causal=False has no decoding")
         q_BLHD, k_BLKD, v_BLKD = self.project(x_BLD)
         if decode and cache is None:
             self.check_decode_length(length, "attention decode without a cache")

@@ -56,80 +56,19 @@ def uniform_init(bound):
 class Mamba(nn.Module):
     cfg: Any
     DEFAULTS = DEFAULTS
+    CAUSAL = True
     FIXED_SIZE_CACHE = True  # init_cache ignores max_len: conv window and SSM state
 
     @nn.compact
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
                  train=False):
         del segment_ids, positions, train  # the recurrence runs over the packed stream
-        cfg = self.cfg
-        dtype = compute_dtype(cfg)
-        d_model, n = x_BLD.shape[-1], cfg.d_state
-        d_inner, k, r = cfg.expand * d_model, cfg.get("d_conv", 4), dt_rank_of(cfg)
-        bsz = x_BLD.shape[0]
-
-        # torch nn.Linear(d_model, 2 * d_inner)'s init: the fan-in is d_model.
-        w_in = param_with_axes(self, "in_proj", matrix_init(torch_linear_init),
-                               (d_model, 2, d_inner), ("embed", None, "mlp"))
-        # Two [d_model, d_inner] products: each half of the weight keeps its "mlp" sharding.
-        h_BLD, w_in = x_BLD.astype(dtype), w_in.astype(dtype)
-        x_BLI, z_BLI = linear(h_BLD, w_in[:, 0]), linear(h_BLD, w_in[:, 1])
-        use_bias = cfg.get("proj_bias", False)  # HF MambaConfig.use_bias (mamba_ssm: False)
-        if use_bias:
-            b_in = param_with_axes(self, "in_proj_bias", nn.initializers.zeros, (2, d_inner),
-                                   (None, "mlp")).astype(dtype)
-            x_BLI, z_BLI = x_BLI + b_in[0], z_BLI + b_in[1]
-        x_BLI = constrain(x_BLI, ("batch", "length", "mlp"))
-        z_BLI = constrain(z_BLI, ("batch", "length", "mlp"))
-
-        conv_bound = 1.0 / math.sqrt(k)  # torch Conv1d default, fan_in = k (depthwise)
-        w_conv = param_with_axes(self, "conv_weight", uniform_init(conv_bound), (k, d_inner),
-                                 (None, "mlp"))
-        b_conv = param_with_axes(self, "conv_bias", uniform_init(conv_bound), (d_inner,),
-                                 ("mlp",))
-        w_conv, b_conv = w_conv.astype(dtype), b_conv.astype(dtype)
-        if decode:
-            if cache is None:
-                cache = self.init_cache(bsz, 0, x_BLD.dtype)
-            ctx_BKI = cache["conv"].astype(dtype)
-            x_all = jnp.concatenate([ctx_BKI, x_BLI], axis=1)
-            conv_state = x_all[:, x_all.shape[1] - (k - 1):]   # the last k-1 inputs
-            x_BLI = parallel.causal_conv(x_BLI, w_conv, b_conv, ctx_BKI)
-        else:
-            # Under a mesh with `sequence` > 1: the explicit halo exchange (one ppermute).
-            x_BLI = parallel.sequence_parallel_causal_conv(x_BLI, w_conv, b_conv)
-        x_BLI = jax.nn.silu(x_BLI)
-
-        x_dbl = DenseGeneral(r + 2 * n, ("mlp", None), dtype=dtype, name="x_proj")(x_BLI)
-        dt_BLR, B_BLN, C_BLN = jnp.split(x_dbl, [r, r + n], axis=-1)
-        dt_w = param_with_axes(self, "dt_proj_kernel", uniform_init(r ** -0.5), (r, d_inner),
-                               (None, "mlp"))
-        dt_b = param_with_axes(self, "dt_proj_bias", dt_bias_init(), (d_inner,), ("mlp",))
-        dt_BLI = linear(dt_BLR, dt_w.astype(dtype))
-
-        A_log = param_with_axes(self, "A_log", a_log_init, (d_inner, n), ("mlp", "state"))
-        D = param_with_axes(self, "D", nn.initializers.ones, (d_inner,), ("mlp",))
-        if decode and x_BLI.shape[1] == 1:  # one new token: one step of the recurrence
-            y_BI, ssm_state = ops.selective_state_update(
-                cache["ssm"], x_BLI[:, 0], dt_BLI[:, 0], -jnp.exp(A_log), B_BLN[:, 0],
-                C_BLN[:, 0], D, z_BLI[:, 0], delta_bias=dt_b, delta_softplus=True)
-            y_BLI = y_BI[:, None]
-        else:
-            # Sequence-parallel over the mesh's `sequence` axis when it is > 1 (training);
-            # a prefill continues one device's state.
-            scan = ops.selective_scan if decode else parallel.sequence_parallel_selective_scan
-            y_BLI, ssm_state = scan(
-                x_BLI, dt_BLI, -jnp.exp(A_log), B_BLN, C_BLN, D, z_BLI, delta_bias=dt_b,
-                delta_softplus=True, initial_state=cache["ssm"] if decode else None,
-                return_last_state=True, impl=cfg.get("scan_impl", "auto"))
-        y_BLI = constrain(y_BLI, ("batch", "length", "mlp"))
-
-        w_out = param_with_axes(self, "out_proj", scaled_init(torch_linear_init, cfg.n_layers),
-                                (d_inner, d_model), ("mlp", "embed"))
-        y_BLD = linear(y_BLI.astype(dtype), w_out.astype(dtype))
-        if use_bias:
-            y_BLD = y_BLD + param_with_axes(self, "out_proj_bias", nn.initializers.zeros,
-                                            (d_model,), ("embed",)).astype(dtype)
+        x_BLI, z_BLI = in_projection(self, x_BLD)
+        if decode and cache is None:
+            cache = self.init_cache(x_BLD.shape[0], 0, x_BLD.dtype)
+        y_BLI, conv_state, ssm_state = selective_branch(self, x_BLI, z_BLI,
+                                                        cache=cache if decode else None)
+        y_BLD = out_projection(self, y_BLI, x_BLD.shape[-1])
         new_cache = {"conv": conv_state, "ssm": ssm_state} if decode else None
         return y_BLD, new_cache, {}
 
@@ -144,3 +83,94 @@ class Mamba(nn.Module):
 
     def cache_axes(self):
         return CACHE_AXES
+
+
+def in_projection(module, x_BLD, suffix=""):
+    """in_proj (d_model -> 2 x d_inner, d_inner = cfg.d_inner or expand x d_model): (x, z),
+    each [B, L, d_inner] in the compute dtype. torch nn.Linear(d_model, 2 * d_inner)'s init: the fan-in is d_model."""
+    cfg = module.cfg
+    dtype = compute_dtype(cfg)
+    d_model = x_BLD.shape[-1]
+    d_inner = cfg.get("d_inner", 0) or cfg.expand * d_model
+    w_in = param_with_axes(module, "in_proj" + suffix, matrix_init(torch_linear_init),
+                           (d_model, 2, d_inner), ("embed", None, "mlp"))
+    # Two [d_model, d_inner] products: each half of the weight keeps its "mlp" sharding.
+    h_BLD, w_in = x_BLD.astype(dtype), w_in.astype(dtype)
+    x_BLI, z_BLI = linear(h_BLD, w_in[:, 0]), linear(h_BLD, w_in[:, 1])
+    if cfg.get("proj_bias", False):  # HF MambaConfig.use_bias (mamba_ssm: False)
+        b_in = param_with_axes(module, "in_proj_bias" + suffix, nn.initializers.zeros,
+                               (2, d_inner), (None, "mlp")).astype(dtype)
+        x_BLI, z_BLI = x_BLI + b_in[0], z_BLI + b_in[1]
+    return (constrain(x_BLI, ("batch", "length", "mlp")),
+            constrain(z_BLI, ("batch", "length", "mlp")))
+
+
+def out_projection(module, y_BLI, d_model, suffix=""):
+    """out_proj (d_inner -> d_model), initialised scaled by 1/sqrt(n_layers)."""
+    cfg = module.cfg
+    dtype = compute_dtype(cfg)
+    w_out = param_with_axes(module, "out_proj" + suffix,
+                            scaled_init(torch_linear_init, cfg.n_layers),
+                            (y_BLI.shape[-1], d_model), ("mlp", "embed"))
+    y_BLD = linear(y_BLI.astype(dtype), w_out.astype(dtype))
+    if cfg.get("proj_bias", False):
+        y_BLD = y_BLD + param_with_axes(module, "out_proj_bias" + suffix,
+                                        nn.initializers.zeros, (d_model,),
+                                        ("embed",)).astype(dtype)
+    return y_BLD
+
+
+def selective_branch(module, x_BLI, z_BLI, *, suffix="", reverse=False, cache=None):
+    """One direction of the block: depthwise conv1d -> SiLU -> x_proj -> (dt, B, C) ->
+    dt_proj -> selective scan gated by silu(z). Its parameters are named with `suffix`
+    (the backward direction of a bidirectional block: "_b"). `reverse` runs the conv
+    anti-causally and the scan from the last position to the first (flags of the ops,
+    no flipped copies). With `cache` (decoding, forward only) the conv continues from
+    the cached inputs and the scan from the cached state. Returns (y [B, L, d_inner],
+    conv state or None, last SSM state)."""
+    cfg = module.cfg
+    dtype = compute_dtype(cfg)
+    d_inner, n = x_BLI.shape[-1], cfg.d_state
+    k, r = cfg.get("d_conv", 4), dt_rank_of(cfg)
+    conv_bound = 1.0 / math.sqrt(k)  # torch Conv1d default, fan_in = k (depthwise)
+    w_conv = param_with_axes(module, "conv_weight" + suffix, uniform_init(conv_bound),
+                             (k, d_inner), (None, "mlp")).astype(dtype)
+    b_conv = param_with_axes(module, "conv_bias" + suffix, uniform_init(conv_bound),
+                             (d_inner,), ("mlp",)).astype(dtype)
+    conv_state = None
+    if cache is not None:
+        ctx_BKI = cache["conv"].astype(dtype)
+        x_all = jnp.concatenate([ctx_BKI, x_BLI], axis=1)
+        conv_state = x_all[:, x_all.shape[1] - (k - 1):]   # the last k-1 inputs
+        x_BLI = parallel.causal_conv(x_BLI, w_conv, b_conv, ctx_BKI)
+    else:
+        # Under a mesh with `sequence` > 1: the explicit halo exchange (one ppermute).
+        x_BLI = parallel.sequence_parallel_causal_conv(x_BLI, w_conv, b_conv, reverse=reverse)
+    x_BLI = jax.nn.silu(x_BLI)
+
+    x_dbl = DenseGeneral(r + 2 * n, ("mlp", None), dtype=dtype, name="x_proj" + suffix)(x_BLI)
+    dt_BLR, B_BLN, C_BLN = jnp.split(x_dbl, [r, r + n], axis=-1)
+    dt_w = param_with_axes(module, "dt_proj_kernel" + suffix, uniform_init(r ** -0.5),
+                           (r, d_inner), (None, "mlp"))
+    dt_b = param_with_axes(module, "dt_proj_bias" + suffix, dt_bias_init(), (d_inner,),
+                           ("mlp",))
+    dt_BLI = linear(dt_BLR, dt_w.astype(dtype))
+    A_log = param_with_axes(module, "A_log" + suffix, a_log_init, (d_inner, n),
+                            ("mlp", "state"))
+    D = param_with_axes(module, "D" + suffix, nn.initializers.ones, (d_inner,), ("mlp",))
+    if cache is not None and x_BLI.shape[1] == 1:  # one new token: one recurrence step
+        y_BI, ssm_state = ops.selective_state_update(
+            cache["ssm"], x_BLI[:, 0], dt_BLI[:, 0], -jnp.exp(A_log), B_BLN[:, 0],
+            C_BLN[:, 0], D, z_BLI[:, 0], delta_bias=dt_b, delta_softplus=True)
+        y_BLI = y_BI[:, None]
+    else:
+        # Sequence-parallel over the mesh's `sequence` axis when it is > 1 (training);
+        # a prefill continues one device's state.
+        decode = cache is not None
+        scan = ops.selective_scan if decode else parallel.sequence_parallel_selective_scan
+        extra = {} if decode else {"reverse": reverse}
+        y_BLI, ssm_state = scan(
+            x_BLI, dt_BLI, -jnp.exp(A_log), B_BLN, C_BLN, D, z_BLI, delta_bias=dt_b,
+            delta_softplus=True, initial_state=cache["ssm"] if decode else None,
+            return_last_state=True, impl=cfg.get("scan_impl", "auto"), **extra)
+    return constrain(y_BLI, ("batch", "length", "mlp")), conv_state, ssm_state

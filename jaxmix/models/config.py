@@ -26,7 +26,10 @@ log = logging.getLogger("jaxmix")
 # Fields of the whole model, visible to every mixer.
 SHARED = ("family", "vocab_size", "vocab_multiple", "d_model", "n_layers", "d_ff", "mlp_bias",
           "norm_eps", "tie_embeddings", "dtype", "remat")
-MODEL_FIELDS = SHARED + ("mixer_pattern", "mixers", "duo")
+# Fields of the encoder family (jaxmix.models.encoder.DEFAULTS).
+ENCODER_FIELDS = ("patch_dim", "max_len", "cls_token", "pool", "n_classes", "head",
+                  "layer_average")
+MODEL_FIELDS = SHARED + ("mixer_pattern", "mixers", "duo") + ENCODER_FIELDS
 
 
 def default_mixers(*names):

@@ -93,3 +93,7 @@ class LM(nn.Module):
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         aux = combine_aux(cfg, layer_aux)
         return (logits, aux, new_cache) if decode else (logits, aux)
+
+    def example_inputs(self, seq_len):
+        """(args, kwargs) of a call for model init."""
+        return (jnp.zeros((1, seq_len), jnp.int32),), {}

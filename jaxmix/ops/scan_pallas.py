@@ -7,6 +7,9 @@ time tile (masked inside the kernel), D up to a multiple of the 128-lane channel
 tile (cut off afterwards), B and C transposed to [B, N, L] and A to [N, D] so the
 state is [N, D] with channels on lanes. Off TPU the kernels run interpreted
 (`per_device.tpu_kernel_interpret`), which is slow and meant for tests.
+reverse=True (the scan from the last step to the first, see ops.selective_scan) is
+a flag of the kernels, which walk the time tiles and the steps inside them the other
+way; the padding stays at the end.
 """
 import functools
 
@@ -72,7 +75,7 @@ _core = make_core(kernel)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, return_last_state=False,
-                          interpret=None, block_l=None, block_d=None):
+                          reverse=False, interpret=None, block_l=None, block_d=None):
     bsz, length, d = u.shape
     n = A.shape[-1]
     block_l, lp, block_d, dp = tiles(length, d, n, block_l, block_d)
@@ -86,7 +89,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     h0 = (jnp.zeros((bsz, n, dp), f32) if initial_state is None
           else pad_d(jnp.swapaxes(initial_state.astype(f32), 1, 2)))
     static = (("length", length), ("softplus", bool(delta_softplus)), ("block_l", block_l),
-              ("block_d", block_d), ("interpret", interpret))
+              ("block_d", block_d), ("interpret", interpret), ("reverse", bool(reverse)))
     y, h_last = _core(pad_ld(u), pad_ld(delta), None if z is None else pad_ld(z),
                       transpose_bl(B), transpose_bl(C), pad_d(A.astype(f32).T), dskip, bias,
                       h0, static)

@@ -13,7 +13,9 @@ the dB, dC partial sums: never a [B, L, D, N] array.
 This layer pads and lays out the arrays for the kernels: D up to a multiple of
 block_d (a power of two) and N up to a power of two (at least MIN_N), with zeros
 in A, B, C, the skip, the bias and the initial state, so padded entries stay zero
-and are cut off afterwards; L is not padded. It also reduces the kernels'
+and are cut off afterwards; L is not padded. reverse=True (the scan from the last
+step to the first, see ops.selective_scan) is a flag of the kernels, which then walk
+the chunks and the steps inside them the other way. It also reduces the kernels'
 per-channel-block partial sums (dB, dC) and per-batch partials (dA, dD,
 ddelta_bias). Off GPU the kernels run in the generic Pallas interpreter, which is
 slow and meant for tests.
@@ -58,8 +60,8 @@ _core = make_core(kernel)  # the custom_vjp shared with the TPU kernel
 
 def selective_scan_pallas_gpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                               delta_softplus=False, initial_state=None,
-                              return_last_state=False, interpret=None, block_d=None,
-                              chunk=None):
+                              return_last_state=False, reverse=False, interpret=None,
+                              block_d=None, chunk=None):
     """Selective scan (semantics of `selective_scan_reference`): y [B, L, D] in u's
     dtype, and the last state [B, D, N] fp32 when return_last_state."""
     check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -74,7 +76,7 @@ def selective_scan_pallas_gpu(u, delta, A, B, C, D=None, z=None, delta_bias=None
     h0 = (jnp.zeros((bsz, dp, np_), f32) if initial_state is None
           else jnp.pad(initial_state.astype(f32), ((0, 0), (0, dp - d), (0, np_ - n))))
     static = (("softplus", bool(delta_softplus)), ("block_d", block_d), ("chunk", chunk),
-              ("interpret", interpret))
+              ("interpret", interpret), ("reverse", bool(reverse)))
     y, h_last = _core(pad_d(u), pad_d(delta), None if z is None else pad_d(z), pad_n(B),
                       pad_n(C), jnp.pad(A.astype(f32), ((0, dp - d), (0, np_ - n))),
                       vec(D), vec(delta_bias), h0, static)

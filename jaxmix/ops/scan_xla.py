@@ -12,6 +12,13 @@ and takes every gradient from g_t and the recomputed h_t as it goes:
 Nothing of size [B, L, D, N] is held, forward or backward; ragged L is padded with
 delta = 0 steps (a = 1, no input), which leave the state unchanged.
 
+reverse=True (h_t = a_t h_{t+1} + b_t, see ops.selective_scan) is the same code
+walking the other way: both loops count scan steps p = 0, 1, ... and read time
+position t = L-1-p (`_time`), so the forward walks the chunks and their steps from
+the end, the saved states are those entering each chunk from the right, and the
+backward walks from the start, g_{t+1} = a_t g_t + C_{t+1} dy_{t+1}. The padding
+stays at the end, where the reverse scan meets it first: still a = 1, no input.
+
 Speed on CPU: every time step is a handful of fused, state-sized loops over
 [B, N, D] (channels minor: the sums over N are written as adds of slices so they
 fuse with their producers; the sums over D are batched matrix-vector products),
@@ -94,6 +101,11 @@ def _put(buf_BLF, t, v_BF, axis=1):
     return jax.lax.dynamic_update_index_in_dim(buf_BLF, v_BF, _u32(t), axis=axis)
 
 
+def _time(length, reverse):
+    """Scan step p -> time position: p, or length-1-p for the reverse scan."""
+    return (lambda p: length - 1 - p) if reverse else (lambda p: p)
+
+
 def _sum_n(n, term):
     """sum over i < n of term(i), [B, D] terms built from slices of the state axis: the
     slices come before the arithmetic, so XLA fuses the whole sum into one loop."""
@@ -111,12 +123,15 @@ def _step(h_BND, A2_ND, dl_BD, u_BD, b_BN):
     return a_BND * h_BND + (dl_BD * u_BD)[:, None, :] * b_BN[:, :, None]
 
 
-def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk):
-    """y [B, L, D] (without the D skip), h_L, and the states at every chunk start."""
+def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk, reverse):
+    """y [B, L, D] (without the D skip), the last state, and the states entering every
+    chunk (in scan order: chunk c holds scan steps c*chunk ... (c+1)*chunk-1)."""
     nc = u_BLD.shape[1] // chunk
+    time = _time(u_BLD.shape[1], reverse)
 
-    def step(t, carry):
+    def step(p, carry):
         h_BND, y_BLD = carry
+        t = time(p)
         h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t))
         c_BN = _at(C_BLN, t)
         y_BD = _sum_n(h_BND.shape[1], lambda i: h_BND[:, i] * c_BN[:, i, None])
@@ -134,12 +149,15 @@ def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk):
     return jax.lax.fori_loop(0, nc, chunk_body, (h0_BND, y0, hs0))
 
 
-def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk):
-    """Gradients (du, ddelta, dA [N, D], dB, dC, dh0) by the reverse recurrence."""
+def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk,
+                   reverse):
+    """Gradients (du, ddelta, dA [N, D], dB, dC, dh0) by the recurrence run backwards
+    over the scan steps (p: scan step, t = time(p): its position)."""
     bsz, length, d = u_BLD.shape
     n = A2_ND.shape[0]
     nc, T = hs_CBND.shape[0], chunk
     A_ND = A2_ND / LOG2E
+    time = _time(length, reverse)
 
     def chunk_body(j, carry):
         g_BND, dA_BND, H, du_BLD, ddl_BLD, dB_BLN, dC_BLN = carry
@@ -148,7 +166,7 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
 
         def recompute(i, hc):
             h_BND, H, dC_BLN = hc
-            t = t0 + i
+            t = time(t0 + i)
             h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t))
             dC_BN = _bdot(h_BND, _at(dy_BLD, t))
             return h_BND, _put(H, i, h_BND), _put(dC_BLN, t, dC_BN)
@@ -158,18 +176,20 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
         def reverse(k, rc):
             g_BND, dA_BND, du_BLD, ddl_BLD, dB_BLN = rc      # g_BND = dLoss/dh_t
             i = T - 1 - k
-            t = t0 + i
+            p = t0 + i
+            t = time(p)
             dl_BD, u_BD, b_BN = _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t)
             dlu_BD = dl_BD * u_BD
             h_BND = _at(H, i)
-            ah = lambda j: h_BND[:, j] - dlu_BD * b_BN[:, j, None]            # a_t h_{t-1}
+            ah = lambda j: h_BND[:, j] - dlu_BD * b_BN[:, j, None]     # a_t h_prev(t)
             ddl_BD = _sum_n(n, lambda j: g_BND[:, j] * (ah(j) * A_ND[j] + u_BD * b_BN[:, j, None]))
             du_BD = _sum_n(n, lambda j: g_BND[:, j] * b_BN[:, j, None]) * dl_BD
             s_BND = g_BND * (h_BND - dlu_BD[:, None, :] * b_BN[:, :, None])
-            # g_{t-1} = a_t g_t + C_{t-1} dy_{t-1}; at t = 0 only a_0 g_0 (= dLoss/dh_init).
-            prev = jnp.maximum(t, 1) - 1
+            # g_prev = a_t g_t + C_prev dy_prev (prev: the step before p); at p = 0 only
+            # a_t g_t (= dLoss/dh_init).
+            prev = time(jnp.maximum(p, 1) - 1)
             cdy_BND = _at(C_BLN, prev)[:, :, None] * (_at(dy_BLD, prev)
-                                                      * (t > 0).astype(f32))[:, None, :]
+                                                      * (p > 0).astype(f32))[:, None, :]
             return (_decay(dl_BD[:, None, :] * A2_ND) * g_BND + cdy_BND,
                     dA_BND + s_BND * dl_BD[:, None, :],
                     _put(du_BLD, t, du_BD), _put(ddl_BLD, t, ddl_BD),
@@ -181,7 +201,8 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
 
     zeros_BLD = jnp.zeros((bsz, length, d), f32)
     zeros_BLN = jnp.zeros((bsz, length, n), f32)
-    g_BND = dh_BND + _at(C_BLN, length - 1)[:, :, None] * _at(dy_BLD, length - 1)[:, None, :]
+    last = time(length - 1)
+    g_BND = dh_BND + _at(C_BLN, last)[:, :, None] * _at(dy_BLD, last)[:, None, :]
     carry = (g_BND, jnp.zeros_like(dh_BND), jnp.zeros((bsz, T, n, d), f32),
              zeros_BLD, zeros_BLD, zeros_BLN, zeros_BLN)
     # Inside shard_map every carry varies like the data (see ops.vma).
@@ -190,23 +211,27 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
     return du, ddl, jnp.sum(dA_BND, axis=0), dB, dC, g_BND
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def scan_core(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk):
-    """(y [B, L, D] without the D skip, h_L [B, N, D]); fp32, L a multiple of chunk."""
-    h_BND, y_BLD, _ = _scan_forward(u_BLD, dl_BLD, A_ND * LOG2E, B_BLN, C_BLN, h0_BND, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def scan_core(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk, reverse=False):
+    """(y [B, L, D] without the D skip, last state [B, N, D]); fp32, L a multiple of
+    chunk; `reverse` scans from the last step to the first."""
+    h_BND, y_BLD, _ = _scan_forward(u_BLD, dl_BLD, A_ND * LOG2E, B_BLN, C_BLN, h0_BND, chunk,
+                                    reverse)
     return y_BLD, h_BND
 
 
-def _core_fwd(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk):
+def _core_fwd(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk, reverse):
     A2_ND = A_ND * LOG2E
-    h_BND, y_BLD, hs_CBND = _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk)
+    h_BND, y_BLD, hs_CBND = _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk,
+                                          reverse)
     return (y_BLD, h_BND), (u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND)
 
 
-def _core_bwd(chunk, res, cts):
+def _core_bwd(chunk, reverse, res, cts):
     u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND = res
     dy_BLD, dh_BND = cts
-    return _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk)
+    return _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk,
+                          reverse)
 
 
 scan_core.defvjp(_core_fwd, _core_bwd)
@@ -214,7 +239,7 @@ scan_core.defvjp(_core_fwd, _core_bwd)
 
 def selective_scan_xla(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, initial_state=None,
-                       return_last_state=False, chunk=None):
+                       return_last_state=False, reverse=False, chunk=None):
     bsz, length, d = u.shape
     n = A.shape[-1]
     dl_BLD = prepare_delta(delta, delta_bias, delta_softplus)
@@ -222,12 +247,13 @@ def selective_scan_xla(u, delta, A, B, C, D=None, z=None, delta_bias=None,
               else jnp.swapaxes(initial_state.astype(f32), 1, 2))
     chunk = int(chunk or chunk_size(bsz, d, n, length))
     pad = (-length) % chunk
-    # Padded steps have delta = 0: a = 1 and no input, so the state passes through.
+    # Padded steps have delta = 0: a = 1 and no input, so the state passes through (the
+    # reverse scan meets them first, before any real step).
     padder = lambda x: jnp.pad(x.astype(f32), ((0, 0), (0, pad), (0, 0)))
     # One varying type for scan_core's inputs inside shard_map (e.g. a replicated A next
     # to a sharded u), so its cotangents match them; A's gradient is then psummed.
     core_in = unify_vma(padder(u), padder(dl_BLD), A.astype(f32).T, padder(B), padder(C),
                         h0_BND)
-    y_BLD, h_BND = scan_core(*core_in, chunk)
+    y_BLD, h_BND = scan_core(*core_in, chunk, bool(reverse))
     out = finish_output(y_BLD[:, :length], u, D, z)
     return (out, jnp.swapaxes(h_BND, 1, 2)) if return_last_state else out

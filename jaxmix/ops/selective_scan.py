@@ -5,6 +5,11 @@ Maths as mamba_ssm's `selective_scan_ref`, channels-last layout:
   h_t   = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
   y_t   = C_t . h_t + D * u_t,   y = y * silu(z)
 Shapes: u, delta, z [B, L, D]; A [D, N]; B, C [B, L, N]; state [B, D, N].
+reverse=True runs the recurrence from the last step to the first,
+  h_t = exp(delta_t * A) * h_{t+1} + delta_t * B_t * u_t,
+with `initial_state` entering after step L-1 and the returned last state the one
+after step 0: exactly flip(scan(flip(inputs))) along time, done natively by every
+implementation (no flipped copies).
 Everything is computed in fp32 and the output is cast back to u's dtype.
 """
 import jax
@@ -107,8 +112,9 @@ def check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              delta_softplus=False, initial_state=None,
-                             return_last_state=False):
-    """The oracle: a lax.scan over time holding the full [B, L, D, N] terms."""
+                             return_last_state=False, reverse=False):
+    """The oracle: a lax.scan over time (backwards when `reverse`) holding the full
+    [B, L, D, N] terms."""
     delta_BLD = prepare_delta(delta, delta_bias, delta_softplus, softplus=jax.nn.softplus)
     u_BLD = u.astype(jnp.float32)
     A_DN = A.astype(jnp.float32)
@@ -125,7 +131,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
     xs = (jnp.moveaxis(dA_BLDN, 1, 0), jnp.moveaxis(dBu_BLDN, 1, 0),
           jnp.moveaxis(C.astype(jnp.float32), 1, 0))
-    h_BDN, y_LBD = jax.lax.scan(step, h0_BDN, xs)
+    h_BDN, y_LBD = jax.lax.scan(step, h0_BDN, xs, reverse=reverse)
     out = finish_output(jnp.moveaxis(y_LBD, 0, 1), u, D, z)
     return (out, h_BDN) if return_last_state else out
 
@@ -142,7 +148,7 @@ def _pallas_fn():
 
 def selective_scan_per_device(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                               delta_softplus=False, initial_state=None,
-                              return_last_state=False, fn=None):
+                              return_last_state=False, reverse=False, fn=None):
     """The Pallas scan run by every device on its shard (`per_device.per_device`):
     batch over the mesh axes of the logical name "batch", channels over those of
     "mlp" (the Mamba mixer's names for these dims); time is never split here (the
@@ -158,7 +164,7 @@ def selective_scan_per_device(u, delta, A, B, C, D=None, z=None, delta_bias=None
     def body(u, delta, A, B, C, D, z, delta_bias, initial_state):
         return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                   delta_softplus=delta_softplus, initial_state=initial_state,
-                  return_last_state=return_last_state)
+                  return_last_state=return_last_state, reverse=reverse)
 
     in_specs = (bld, bld, dn, bln, bln, opt(D, d_), opt(z, bld), opt(delta_bias, d_),
                 opt(initial_state, bdn))
@@ -175,8 +181,9 @@ def resolve_impl(impl):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, initial_state=None, return_last_state=False,
-                   impl="auto"):
-    """Selective scan (see module docstring). Returns y [B, L, D] (and h [B, D, N]).
+                   impl="auto", reverse=False):
+    """Selective scan (see module docstring). Returns y [B, L, D] (and h [B, D, N]);
+    reverse=True scans from the last step to the first.
 
     impl="pallas" runs the kernel per device under a mesh (see `per_device`)."""
     check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -189,4 +196,4 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         fn = selective_scan_per_device
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
               delta_softplus=delta_softplus, initial_state=initial_state,
-              return_last_state=return_last_state)
+              return_last_state=return_last_state, reverse=reverse)

@@ -15,9 +15,16 @@ The recurrence h_t = a_t * h_{t-1} + b_t (a_t = exp(delta_t A), elementwise over
      [B, L/N, D, N]) with a hand-written backward that recomputes the decays.
 The gating by silu(z) is applied after the correction. Gradients are exact
 (autodiff through all_gather and the local scan's own custom_vjp).
+With reverse=True (h_t = a_t h_{t+1} + b_t, see ops.selective_scan) the local scans
+run reversed, the carries flow from the higher-index shards to the lower ones (the
+fold starts at the last device, from the initial state) and S_t is the reverse
+cumsum, sum_{s >= t} delta_s within the shard.
 
 `conv_halo` gives each device the previous width-1 tokens of its left neighbour
-(zeros on device 0) for the causal depthwise conv1d.
+(zeros on device 0) for the causal depthwise conv1d; with reverse=True the next
+width-1 tokens of its right neighbour (zeros on the last device) for the
+anti-causal conv y_t = sum_k w[k] x_{t+K-1-k} (= flip(causal_conv(flip(x)))), which
+the backward direction of a bidirectional Mamba block runs.
 
 Inside shard_map use `selective_scan_shard` / `conv_halo` / `causal_conv_shard`; they
 run under shard_map's default `check_vma=True` (values typed varying where needed, see
@@ -116,23 +123,27 @@ def _carry_in_vma(C_BLN, S_BLD, A_DN, h_BDN):
     return _carry_in(*unify_vma(C_BLN, S_BLD, A_DN, h_BDN))
 
 
-def _fold(P_JBDN, h_JBDN, h0_BDN, upto):
-    """State after the chunks j < upto (all of them when upto is None), from h0."""
+def _fold(P_JBDN, h_JBDN, h0_BDN, upto, reverse=False):
+    """State after the chunks j < upto (j > upto when `reverse`, folded from the last
+    chunk down; all of them when upto is None), from h0."""
     h = h0_BDN
-    for j in range(P_JBDN.shape[0]):
+    n = P_JBDN.shape[0]
+    for j in (range(n - 1, -1, -1) if reverse else range(n)):
         nxt = P_JBDN[j] * h + h_JBDN[j]
-        h = nxt if upto is None else jnp.where(j < upto, nxt, h)
+        h = nxt if upto is None else jnp.where(j > upto if reverse else j < upto, nxt, h)
     return h
 
 
 def selective_scan_shard(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False, initial_state=None, return_last_state=False,
-                         impl="auto", axis_name="sequence"):
+                         impl="auto", axis_name="sequence", reverse=False):
     """`ops.selective_scan` of the whole sequence, called on this device's shard.
 
     u, delta, z [B, L/N, D] and B, C [B, L/N, N] are this device's (contiguous)
     shards; A, D, delta_bias and initial_state [B, D, N] are the full (replicated)
     arrays. The returned last state is the global one (the same on every device).
+    With `reverse` the scan runs from the last step to the first: the initial state
+    enters the last device and the carries flow towards device 0.
     """
     check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dl_BLD = prepare_delta(delta, delta_bias, delta_softplus)
@@ -143,9 +154,10 @@ def selective_scan_shard(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     zero_BDN = match_vma(jnp.zeros(state_shape, jnp.float32), u, dl_BLD, B, C)
     y_BLD, h_BDN = ops.selective_scan(u.astype(jnp.float32), dl_BLD, A_DN, B, C, D=D,
                                       initial_state=zero_BDN if vma(zero_BDN) else None,
-                                      return_last_state=True, impl=impl)
-    S_BLD = jnp.cumsum(dl_BLD, axis=1)
-    P_BDN = jnp.exp(S_BLD[:, -1, :, None] * A_DN)
+                                      return_last_state=True, impl=impl, reverse=reverse)
+    # S_t: the delta summed over the shard's steps up to t in the scan's direction.
+    S_BLD = lax.cumsum(dl_BLD, axis=1, reverse=reverse)
+    P_BDN = jnp.exp(S_BLD[:, 0 if reverse else -1, :, None] * A_DN)
     # Checked: gather as invariant values, so the global last state (the same on every
     # device) is typed replicated for out_specs P(); the transpose is then a slice.
     to = "invarying" if axis_name in vma(h_BDN) else "varying"
@@ -153,43 +165,66 @@ def selective_scan_shard(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     h_all = lax.all_gather(h_BDN, axis_name, to=to)
     h0_BDN = (jnp.zeros(state_shape, jnp.float32) if initial_state is None
               else initial_state.astype(jnp.float32))
-    h_in_BDN = _fold(P_all, h_all, h0_BDN, lax.axis_index(axis_name))
+    h_in_BDN = _fold(P_all, h_all, h0_BDN, lax.axis_index(axis_name), reverse)
     y_BLD = y_BLD + _carry_in_vma(C.astype(jnp.float32), S_BLD, A_DN, h_in_BDN)
     if z is not None:
         y_BLD = y_BLD * jax.nn.silu(z.astype(jnp.float32))
     y_BLD = y_BLD.astype(u.dtype)
     if return_last_state:
-        return y_BLD, _fold(P_all, h_all, h0_BDN, None)
+        return y_BLD, _fold(P_all, h_all, h0_BDN, None, reverse)
     return y_BLD
 
 
-def conv_halo(x_BLD, width, axis_name="sequence"):
-    """[B, width-1, D]: the last width-1 tokens of the left neighbour (zeros on device 0)."""
+def conv_halo(x_BLD, width, axis_name="sequence", reverse=False):
+    """[B, width-1, D]: the last width-1 tokens of the left neighbour (zeros on device 0),
+    or with `reverse` the first width-1 tokens of the right neighbour (zeros on the
+    last device)."""
     n = lax.axis_size(axis_name)
     if width - 1 > x_BLD.shape[1]:
         raise ValueError(f"conv_halo: the per-device length {x_BLD.shape[1]} is shorter than "
                          f"the conv halo {width - 1}; use fewer sequence shards")
+    if reverse:
+        return lax.ppermute(x_BLD[:, :width - 1], axis_name,
+                            [(i + 1, i) for i in range(n - 1)])
     halo = x_BLD[:, x_BLD.shape[1] - (width - 1):]
     return lax.ppermute(halo, axis_name, [(i, i + 1) for i in range(n - 1)])
 
 
-def causal_conv(x_BLD, w_KD, bias_D=None, ctx_BKD=None):
-    """Depthwise causal conv y_t = sum_k w[k] x_{t-K+1+k} (+ bias) over [B, L, D], the
-    K-1 inputs before x_0 taken from `ctx_BKD` [B, K-1, D] (zeros when None)."""
+def _conv(x_BLD, w_KD, bias_D, ctx_BKD, reverse):
+    """`causal_conv` with its K-1 context inputs on the far side: before x_0, or after
+    x_{L-1} when `reverse` (zeros when None)."""
     width, length = w_KD.shape[0], x_BLD.shape[1]
     if ctx_BKD is None:
         ctx_BKD = jnp.zeros((x_BLD.shape[0], width - 1, x_BLD.shape[2]), x_BLD.dtype)
-    xp = jnp.concatenate([ctx_BKD.astype(x_BLD.dtype), x_BLD], 1)
-    y = sum(xp[:, i:i + length] * w_KD[i] for i in range(width))
+    ctx_BKD = ctx_BKD.astype(x_BLD.dtype)
+    if reverse:   # y_t = sum_k w[k] x_{t+K-1-k}: tap k reads offset K-1-k of xp
+        xp = jnp.concatenate([x_BLD, ctx_BKD], 1)
+        y = sum(xp[:, width - 1 - i:width - 1 - i + length] * w_KD[i] for i in range(width))
+    else:
+        xp = jnp.concatenate([ctx_BKD, x_BLD], 1)
+        y = sum(xp[:, i:i + length] * w_KD[i] for i in range(width))
     return y if bias_D is None else y + bias_D
 
 
-def causal_conv_shard(x_BLD, w_KD, bias_D, axis_name="sequence"):
+def causal_conv(x_BLD, w_KD, bias_D=None, ctx_BKD=None, reverse=False):
+    """Depthwise causal conv y_t = sum_k w[k] x_{t-K+1+k} (+ bias) over [B, L, D], the
+    K-1 inputs before x_0 taken from `ctx_BKD` [B, K-1, D] (zeros when None).
+
+    reverse=True is the anti-causal conv y_t = sum_k w[k] x_{t+K-1-k} (+ bias), zeros
+    past x_{L-1}: flip(causal_conv(flip(x))) with the same weights. A decode context
+    only exists for the causal direction, so `ctx_BKD` with `reverse` is an error."""
+    if reverse and ctx_BKD is not None:
+        raise ValueError("causal_conv: a decode context (ctx_BKD) with reverse=True makes "
+                         "no sense (the reverse conv reads the future)")
+    return _conv(x_BLD, w_KD, bias_D, ctx_BKD, reverse)
+
+
+def causal_conv_shard(x_BLD, w_KD, bias_D, axis_name="sequence", reverse=False):
     """`causal_conv` of the whole sequence on this device's shard (the left context is
-    the neighbour's halo)."""
+    the neighbour's halo; with `reverse` the right context, the next neighbour's)."""
     width = w_KD.shape[0]
-    ctx = conv_halo(x_BLD, width, axis_name) if width > 1 else None
-    return causal_conv(x_BLD, w_KD, bias_D, ctx)
+    ctx = conv_halo(x_BLD, width, axis_name, reverse) if width > 1 else None
+    return _conv(x_BLD, w_KD, bias_D, ctx, reverse)
 
 
 def _check_length(length, n, axis_name, what):
@@ -201,20 +236,22 @@ def _check_length(length, n, axis_name, what):
 def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                                      delta_softplus=False, initial_state=None,
                                      return_last_state=False, impl="auto",
-                                     axis_name="sequence"):
+                                     axis_name="sequence", reverse=False):
     """`ops.selective_scan` on global arrays, sequence-parallel over the ambient mesh.
 
     Same signature and result as `ops.selective_scan`; when the mesh set by
     `jax.set_mesh` has `axis_name` > 1 the length is split over it (only that axis
     goes manual; batch and channels, e.g. u [B, L, D] as P(("data", "fsdp"), "sequence",
     "tensor"), keep their automatic sharding). Otherwise it is exactly
-    `ops.selective_scan`.
+    `ops.selective_scan`. `reverse` scans from the last step to the first (the carries
+    then flow from the higher-index shards to the lower ones).
     """
     n = mesh_axis_size(axis_name)
     if n == 1:
         return ops.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                   delta_softplus=delta_softplus, initial_state=initial_state,
-                                  return_last_state=return_last_state, impl=impl)
+                                  return_last_state=return_last_state, impl=impl,
+                                  reverse=reverse)
     check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     _check_length(u.shape[1], n, axis_name, "sequence_parallel_selective_scan")
     seq, rep = P(None, axis_name), P()
@@ -229,7 +266,7 @@ def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bi
     def body(sharded, replicated):
         return selective_scan_shard(**sharded, **replicated, delta_softplus=delta_softplus,
                                     return_last_state=return_last_state, impl=impl,
-                                    axis_name=axis_name)
+                                    axis_name=axis_name, reverse=reverse)
 
     out_specs = (seq, rep) if return_last_state else seq
     # check_vma=False only around a Pallas local scan: jax 0.10 rejects a pallas_call
@@ -239,11 +276,14 @@ def sequence_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bi
     return fn(sharded, replicated)
 
 
-def sequence_parallel_causal_conv(x_BLD, w_KD, bias_D=None, axis_name="sequence"):
+def sequence_parallel_causal_conv(x_BLD, w_KD, bias_D=None, axis_name="sequence",
+                                  reverse=False):
     """Depthwise causal conv over global [B, L, D] with an explicit ppermute halo.
 
     x [B, L, D], w [K, D], bias [D] (or None) -> y [B, L, D] with
-    y_t = sum_k w[k] x_{t-K+1+k} + bias (zeros before t = 0). Under a mesh with
+    y_t = sum_k w[k] x_{t-K+1+k} + bias (zeros before t = 0); with `reverse` the
+    anti-causal y_t = sum_k w[k] x_{t+K-1-k} + bias (zeros past the end; the halo
+    comes from the next shard). Under a mesh with
     `axis_name` > 1 a shard_map manual over `axis_name` only (check_vma=True) splits
     the length; batch and channels keep their automatic sharding (e.g. D over
     "tensor", w and bias alike). Otherwise the plain one-device conv.
@@ -252,10 +292,10 @@ def sequence_parallel_causal_conv(x_BLD, w_KD, bias_D=None, axis_name="sequence"
     """
     n = mesh_axis_size(axis_name)
     if n == 1:
-        return causal_conv(x_BLD, w_KD, bias_D)
+        return causal_conv(x_BLD, w_KD, bias_D, reverse=reverse)
     _check_length(x_BLD.shape[1], n, axis_name, "sequence_parallel_causal_conv")
     seq, rep = P(None, axis_name), P()
-    fn = jax.shard_map(lambda x, w, b: causal_conv_shard(x, w, b, axis_name),
+    fn = jax.shard_map(lambda x, w, b: causal_conv_shard(x, w, b, axis_name, reverse),
                        in_specs=(seq, rep, rep), out_specs=seq, axis_names={axis_name})
     if bias_D is None:
         bias_D = jnp.zeros(w_KD.shape[1:], x_BLD.dtype)

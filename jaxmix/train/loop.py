@@ -8,7 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmix import data, models, parallel, workdir as workdir_lib
-from jaxmix.train import optimizer, validate
+from jaxmix.train import objectives, optimizer, validate
 from jaxmix.train import state as state_lib
 from jaxmix.train.metrics import MetricsWriter, plot_losses
 from jaxmix.train.step import bits_per_byte, make_eval_step, make_train_step
@@ -38,7 +38,10 @@ class Run:
         self.tx, self.lr = optimizer.make(config.train)
         self.init_fn, self.shardings, self.abstract = state_lib.create(
             self.model, self.tx, self.mesh, self.rules, config.train.seq_len, config.train.seed)
-        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
+        # Encoder batches mix ranks (labels [B], patches [B, L, F]): split dim 0 only.
+        self.is_encoder = config.model.get("family", "lm") == "encoder"
+        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules,
+                                                      ndim=1 if self.is_encoder else 2)
         part, self.batch_slices = parallel.process_batch_slice(self.batch_sharding,
                                                                 config.train.batch_size)
         self.data = data.build(config, process_index=part, process_count=self.batch_slices)
@@ -73,26 +76,27 @@ class Run:
 
 
     def state_from(self, path):
-        """A fresh train state whose params come from an HF directory or a jaxmix workdir."""
-        state = state_lib.from_params(workdir_lib.load_params(path, self.model), self.tx,
-                                      self.shardings)
+        """A fresh train state whose params come from an HF directory or a jaxmix workdir.
+        An encoder takes every param the checkpoint has for it (a pretrained backbone)
+        and starts the rest (a new head) from its own init."""
+        if self.is_encoder:
+            params = models.graft(self.init_fn().params, workdir_lib.load_params(path),
+                                  f"init_from={path}")
+        else:
+            params = workdir_lib.load_params(path, self.model)
+        state = state_lib.from_params(params, self.tx, self.shardings)
         log.info("initialised params from %s", path)
         return state
 
     def print_sample(self, params, prompt="def ", n_tokens=120):
         """A short sample at the end of a run (byte-level models, process 0)."""
-        if not self.is_main or self.config.model.vocab_size != 256 or not self.data.is_text:
+        if (not self.is_main or self.config.model.vocab_size != 256 or not self.data.is_text
+                or self.is_encoder):
             return
         from jaxmix.generate import sample_text
         text = sample_text(self.model, params, prompt, n_tokens, temperature=0.8,
                            rng=jax.random.PRNGKey(0))
         print(f"--- sample ---\n{prompt}{text}\n--------------", flush=True)
-
-
-def batch_tokens(batch):
-    """Input tokens in a batch (rows x (window - 1))."""
-    rows, window = jax.tree.leaves(batch)[0].shape
-    return rows * (window - 1)
 
 
 def run(config, workdir):
@@ -130,7 +134,7 @@ def run(config, workdir):
             paused += time.perf_counter() - t0
             with jax.set_mesh(r.mesh):
                 state, metrics = step_fn(state, batch)
-            tokens += batch_tokens(batch)
+            tokens += objectives.positions(batch)
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 metrics = jax.device_get(metrics)
@@ -143,7 +147,7 @@ def run(config, workdir):
                 t0 = time.perf_counter()
                 val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
                 val_metrics = {"val_loss": val, "val_acc": acc}
-                if r.data.is_text:
+                if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
                     val_metrics["val_bpb"] = bits_per_byte(val)
                     bar.write(f"step {step}: validation loss {val:.4f} nats, "
                               f"{val_metrics['val_bpb']:.3f} bits/byte")

@@ -18,8 +18,8 @@ class TrainState:
 
 
 def _boxed_init(model, tx, seq_len, rng):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(rng, tokens)["params"]
+    args, kwargs = model.example_inputs(seq_len)
+    params = model.init(rng, *args, **kwargs)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

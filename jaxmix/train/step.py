@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from jaxmix import cpu
+from jaxmix.train import objectives
 from jaxmix.train.state import TrainState
 
 log = logging.getLogger("jaxmix")
@@ -44,10 +45,18 @@ def loss_terms(model, params, batch, n_scored=None, train=True, rng=None):
     return jnp.sum(ce_BL * mask_BL) / n_scored, aux
 
 
+def is_encoder(model):
+    return model.cfg.get("family", "lm") == "encoder"
+
+
 def total_loss(model, params, batch, n_scored=None, rng=None):
-    """Loss to minimise: cross-entropy plus the model's weighted aux losses ("aux_loss":
-    each mixer entry's loss terms times its aux_weight)."""
-    ce, aux = loss_terms(model, params, batch, n_scored, rng=rng)
+    """Loss to minimise: cross-entropy (an encoder: its head's objective, see
+    `objectives`) plus the model's weighted aux losses ("aux_loss": each mixer entry's
+    loss terms times its aux_weight)."""
+    if is_encoder(model):
+        ce, aux, _ = objectives.terms(model, params, batch, rng, train=True)
+    else:
+        ce, aux = loss_terms(model, params, batch, n_scored, rng=rng)
     return ce + aux.get("aux_loss", 0.0), (ce, aux)
 
 
@@ -62,7 +71,7 @@ def mean_scored_per_shard(batch, axes):
     """Inside a shard_map over the batch `axes`: the mean over shards of the scored
     target count (None without a mask). Each shard's loss sum divided by it, averaged
     over shards, is the masked mean of the whole batch."""
-    _, mask_BL = split_batch(batch)
+    mask_BL = batch.get("loss_mask") if isinstance(batch, dict) else None
     if mask_BL is None:
         return None
     return jax.lax.psum(jnp.sum(mask_BL), axes) / jax.lax.psum(1, axes)
@@ -141,6 +150,8 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
         return ce, aux, grads
 
     def grads_local(params, tokens, rng):  # one device's shard of the batch
+        # Each shard its own draws (an encoder's token masks, say), not the same ones.
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(dp_axes))
         with nn.logical_axis_rules(()):  # per-device code: no activation constraints
             n_scored = mean_scored_per_shard(tokens, dp_axes)
             return flat_mean(loss_and_grads(params, tokens, rng, n_scored), dp_axes)
@@ -179,6 +190,9 @@ def make_eval_step(model, mesh, rules, param_shardings, batch_sharding):
     """Returns a function params, batch -> [summed nats, scored targets, correct
     argmax predictions] over the batch's scored targets (all targets without a mask)."""
     def eval_fn(params, batch):
+        if is_encoder(model):
+            return jnp.stack([jnp.asarray(t, jnp.float32)
+                              for t in objectives.terms(model, params, batch)[2]])
         ce_BL, mask_BL, logits, _ = scored_terms(model, params, batch, train=False)
         tokens_BL1, _ = split_batch(batch)
         mask_BL = jnp.ones_like(ce_BL) if mask_BL is None else mask_BL

@@ -26,6 +26,25 @@ def check_config(config):
             raise ConfigError(f"model.{field}={m[field]} must be a positive integer")
     if m.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
+    if m.get("family", "lm") == "encoder":
+        check_encoder_length(config)
+
+
+def check_encoder_length(config):
+    """An encoder's inputs fit its position table; a channel mixer (weights along the
+    token axis) takes exactly max_len positions."""
+    m, seq_len = config.model, int(config.train.seq_len)
+    max_len = int(m.get("max_len", 512))
+    if seq_len > max_len:
+        raise ConfigError(f"train.seq_len={seq_len} is more than model.max_len={max_len} "
+                          f"learned positions; raise model.max_len")
+    kinds = {(m.mixers[n].get("kind", n) if n in (m.get("mixers") or {}) else n)
+             for n in m.mixer_pattern}
+    channel = [k for k in kinds if hasattr(mixers.get(k), "channel_mixer")]
+    if channel and seq_len != max_len:
+        raise ConfigError(f"train.seq_len={seq_len}: the {channel[0]} mixer's channel "
+                          f"mixer is sized for model.max_len={max_len} positions; set both "
+                          f"to the same length")
 
 
 def check_mesh(config, mesh, process_count):

@@ -3,13 +3,15 @@
   python tests/workers/scan_parallel_cases.py '{"cases": [{"mesh": [data, fsdp, tensor, seq],
       "gate": bool, "init": bool, "impl": local scan impl (optional, "auto"; with
       "pallas" the scan's shard_map is unchecked and each device's local scan runs the
-      kernel per device in a nested shard_map)}, ...]}'
+      kernel per device in a nested shard_map), "reverse": bool (optional)}, ...]}'
 Each case runs `parallel.sequence_parallel_selective_scan` in a jit under
 `jax.set_mesh` (batch over data/fsdp, length over sequence, channels D over tensor)
 and `ops.selective_scan(impl="reference")` on one device, and prints the relative
 errors (max |a - b| / max |b|) of y, the last state and every gradient; then the
 same for `sequence_parallel_causal_conv` (output and d_x, d_w, d_bias as conv,
-conv_d_x, ...) against the unsharded depthwise `lax.conv_general_dilated`.
+conv_d_x, ...) against the unsharded depthwise `lax.conv_general_dilated`. With
+"reverse" both run with reverse=True and the oracles are the forward ones on inputs
+flipped along time, their outputs flipped back.
   python tests/workers/scan_parallel_cases.py hlo  -> the all-gathers of the compiled scan
 """
 import json
@@ -32,6 +34,7 @@ from jaxmix.parallel import scan_parallel  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 B, L, D, N = 2, 96, 8, 4
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+TIME_INDEXED = ("u", "delta", "B", "C", "z")
 
 
 def make_inputs(gate, init, seed=0):
@@ -67,6 +70,24 @@ def conv_oracle(x_BLD, w_KD, bias_D):
     return y + bias_D
 
 
+def flip_time(x):
+    return jnp.flip(x, axis=1)
+
+
+def flipped_scan(scan):
+    """The reverse scan built from the forward `scan`: every time-indexed input flipped
+    along time, y flipped back (the last state is then the one after step 0)."""
+    def reverse_scan(**a):
+        y, h = scan(**{k: flip_time(v) if k in TIME_INDEXED else v for k, v in a.items()})
+        return flip_time(y), h
+    return reverse_scan
+
+
+def flipped_conv(conv):
+    """The anti-causal conv built from the causal `conv`: flip(conv(flip(x)))."""
+    return lambda x, w, bias: flip_time(conv(flip_time(x), w, bias))
+
+
 def conv_grads(conv, ct_BLD):
     def loss(x, w, bias):
         y = conv(x, w, bias)
@@ -74,19 +95,21 @@ def conv_grads(conv, ct_BLD):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
-def check_conv(mesh, bld, width=4, seed=2):
-    """sequence_parallel_causal_conv (x over `bld`, w / bias over tensor) vs the oracle."""
+def check_conv(mesh, bld, width=4, seed=2, reverse=False):
+    """sequence_parallel_causal_conv (x over `bld`, w / bias over tensor) vs the oracle
+    (flipped for `reverse`)."""
     rng = np.random.default_rng(seed)
     x, ct = (jnp.asarray(rng.standard_normal((B, L, D)), jnp.float32) for _ in range(2))
     w = jnp.asarray(rng.standard_normal((width, D)), jnp.float32)
     bias = jnp.asarray(rng.standard_normal((D,)), jnp.float32)
-    (_, y_ref), g_ref = conv_grads(conv_oracle, ct)(x, w, bias)
+    oracle = flipped_conv(conv_oracle) if reverse else conv_oracle
+    (_, y_ref), g_ref = conv_grads(oracle, ct)(x, w, bias)
 
     def sp_conv(x, w, bias):
         x = jax.lax.with_sharding_constraint(x, bld)
         w = jax.lax.with_sharding_constraint(w, P(None, "tensor"))
         bias = jax.lax.with_sharding_constraint(bias, P("tensor"))
-        return scan_parallel.sequence_parallel_causal_conv(x, w, bias)
+        return scan_parallel.sequence_parallel_causal_conv(x, w, bias, reverse=reverse)
 
     with jax.set_mesh(mesh):
         (_, y), g = conv_grads(sp_conv, ct)(x, w, bias)
@@ -103,8 +126,10 @@ def rel(a, b):
 def check(case):
     args, cts = make_inputs(case["gate"], case["init"])
     args = {k: v for k, v in args.items() if v is not None}
+    reverse = case.get("reverse", False)
+    oracle = lambda **a: ops.selective_scan(**a, impl="reference")
     ref = jax.jit(jax.value_and_grad(
-        loss_of(lambda **a: ops.selective_scan(**a, impl="reference"), cts), has_aux=True))
+        loss_of(flipped_scan(oracle) if reverse else oracle, cts), has_aux=True))
     (_, (y_ref, h_ref)), g_ref = ref(args)
     mesh = jax.make_mesh(tuple(case["mesh"]), ("data", "fsdp", "tensor", "sequence"),
                          axis_types=(AxisType.Auto,) * 4)
@@ -117,13 +142,13 @@ def check(case):
     def sp_scan(**a):
         a = {k: jax.lax.with_sharding_constraint(v, specs[k]) if k in specs else v
              for k, v in a.items()}
-        return scan_parallel.sequence_parallel_selective_scan(**a,
-                                                              impl=case.get("impl", "auto"))
+        return scan_parallel.sequence_parallel_selective_scan(
+            **a, impl=case.get("impl", "auto"), reverse=reverse)
 
     with jax.set_mesh(mesh):
         fn = jax.jit(jax.value_and_grad(loss_of(sp_scan, cts), has_aux=True))
         (_, (y, h)), g = fn(args)
-    row = dict(case, y=rel(y, y_ref), h=rel(h, h_ref), **check_conv(mesh, bld))
+    row = dict(case, y=rel(y, y_ref), h=rel(h, h_ref), **check_conv(mesh, bld, reverse=reverse))
     for k in g:
         row["d_" + k] = rel(g[k], g_ref[k])
     return row
