@@ -102,9 +102,9 @@ def _bench_step(*flags):
     return {row["bench"]: row for row in map(json.loads, out.stdout.splitlines())}
 
 
-# The worker mode runs with -m exhaustive: 2 pinned processes joined over gloo (the
-# two-process training test covers that set-up) around the same step as the
-# single-process mode below.
+# Both modes of the benchmark run with -m exhaustive: the worker mode is 2 pinned
+# processes joined over gloo (the two-process training test covers that set-up) around
+# the same step as the single-process mode.
 @pytest.mark.exhaustive
 @pytest.mark.skipif(cpu.cores() < 2, reason="needs 2 cores for 2 pinned workers")
 def test_bench_mamba_step_worker_per_core_mode():
@@ -119,7 +119,7 @@ def test_bench_mamba_step_worker_per_core_mode():
     assert rows["jaxmix_xla"]["steps_timed"] == 2
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # a benchmark script (its step is the train step tested elsewhere)
 def test_bench_mamba_step_single_process_mode():
     rows = _bench_step("--processes", "1", "--devices", "2")
     assert "launch" not in rows

@@ -32,7 +32,9 @@ POD = {"mamba_lm": "2.8b", "transformer_lm": "llama-8b"}
 # params no longer negligible) over 8.
 CASES = [("1 device", "smoke", 1, True), ("fsdp=8", "smoke", 8, True),
          ("no remat", "smoke", 1, False), ("pod widths, fsdp=8", "pod", 8, True)]
-EXHAUSTIVE_CASES = ("no remat",)  # the same step without remat: run with -m exhaustive
+# Run with -m exhaustive: the step without remat, and FSDP at smoke widths (the pod
+# widths case covers FSDP).
+EXHAUSTIVE_CASES = ("no remat", "fsdp=8")
 WORKER_ENV = devices_env(8)
 
 

@@ -102,26 +102,30 @@ def losses(workdir, key="loss"):
 SMOKE8 = ["--config", "configs/mamba_lm.py:smoke", "--config.train.batch_size=8"]
 
 
-@pytest.mark.slow
-def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
-    """2 processes x 4 devices against 1 process x 8: data parallel across the processes,
-    and a (data 1, sequence 8) mesh whose sequence axis crosses them, so both processes
-    feed the same batch rows (its validation loss must not be divided by the process
-    count); then the data-parallel checkpoint resumes in 1 process under FSDP."""
-    two, seq, one, cont = (tmp_path / d for d in ("two", "seq", "one", "one20"))
-    for workdir, extra in ((two, []), (seq, ["--config.mesh.data=1",
-                                              "--config.mesh.sequence=8"])):
-        for rc, err in run_two_processes(SMOKE8 + extra, workdir):
-            assert rc == 0, err[-3000:]
+def two_process_runs_match(tmp_path, extra):
+    """2 processes x 4 devices (train.py with `extra` flags) against 1 process x 8 for
+    20 steps: the losses and validation losses of the first 10 steps match. Returns
+    (the 2-process workdir, the reference's losses)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    for rc, err in run_two_processes(SMOKE8 + extra, two):
+        assert rc == 0, err[-3000:]
     ref = run_train(SMOKE8 + ["--config.train.steps=20"], one, EIGHT)
     assert ref.returncode == 0, ref.stderr[-3000:]
     want, want_val = losses(one), losses(one, "val_loss")
-    for workdir in (two, seq):
-        got, got_val = losses(workdir), losses(workdir, "val_loss")
-        assert sorted(got) == list(range(2, 11, 2)) and sorted(got_val) == [5, 10]
-        assert_close([got[s] for s in sorted(got)], [want[s] for s in sorted(got)])
-        assert_close([got_val[s] for s in (5, 10)], [want_val[s] for s in (5, 10)])
+    got, got_val = losses(two), losses(two, "val_loss")
+    assert sorted(got) == list(range(2, 11, 2)) and sorted(got_val) == [5, 10]
+    assert_close([got[s] for s in sorted(got)], [want[s] for s in sorted(got)])
+    assert_close([got_val[s] for s in (5, 10)], [want_val[s] for s in (5, 10)])
+    return two, want
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
+    """Data parallel across 2 processes matches 1 process; then the data-parallel
+    checkpoint resumes in 1 process under FSDP."""
+    two, want = two_process_runs_match(tmp_path, [])
     # The 2-process checkpoint (step 10, mesh data=8) continues in 1 process on fsdp=8.
+    cont = tmp_path / "one20"
     os.rename(two, cont)
     resumed = run_train(SMOKE8 + ["--config.train.steps=20", "--config.mesh.data=1",
                                   "--config.mesh.fsdp=8"], cont, EIGHT)
@@ -129,6 +133,13 @@ def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
     assert "resumed from step 10" in resumed.stderr
     got = losses(cont)
     assert_close([got[s] for s in range(12, 21, 2)], [want[s] for s in range(12, 21, 2)])
+
+
+@pytest.mark.exhaustive
+def test_two_processes_feeding_the_same_rows(tmp_path):
+    """A (data 1, sequence 8) mesh whose sequence axis crosses the 2 processes: both feed
+    the same batch rows, and the validation loss is not divided by the process count."""
+    two_process_runs_match(tmp_path, ["--config.mesh.data=1", "--config.mesh.sequence=8"])
 
 
 def test_tensor_axis_must_divide_channels(tmp_path):

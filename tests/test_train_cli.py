@@ -42,7 +42,8 @@ def test_outputs(straight_run):
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # it learns
 
 
-@pytest.mark.slow
+# The SIGKILL test below also resumes and compares every loss with the straight run.
+@pytest.mark.exhaustive
 def test_resume_matches_uninterrupted(straight_run, tmp_path):
     first = run_train(SMOKE + ["--config.train.steps=20"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
