@@ -242,3 +242,14 @@ def test_lm_commands_refuse_an_encoder_workdir(tmp_path):
     workdir.write_config(tiny_audio_config("ssamba"), str(tmp_path))
     with pytest.raises(ConfigError, match="family 'encoder'.*model.family='lm'"):
         workdir.load_workdir(str(tmp_path))
+
+
+def test_classifier_outputs_must_match_the_data_classes():
+    from types import SimpleNamespace
+    from jaxmix.train import validate
+    c = tiny_audio_config("ssamba")
+    validate.check_classes(c, SimpleNamespace(n_classes=10))
+    with pytest.raises(ConfigError, match="model.n_classes=10 .* has 2 classes; set "
+                                          "--config.model.n_classes=2"):
+        validate.check_classes(c, SimpleNamespace(n_classes=2))
+    validate.check_classes(tiny_audio_config("ssamba-pretrain"), SimpleNamespace(n_classes=2))

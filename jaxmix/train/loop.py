@@ -45,6 +45,7 @@ class Run:
         part, self.batch_slices = parallel.process_batch_slice(self.batch_sharding,
                                                                 config.train.batch_size)
         self.data = data.build(config, process_index=part, process_count=self.batch_slices)
+        validate.check_classes(config, self.data)
         os.makedirs(workdir, exist_ok=True)
         self.ckpt = workdir_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  keep=config.train.keep_checkpoints)

@@ -114,3 +114,16 @@ def check_workdir(config, workdir, has_checkpoints):
     if diff:
         raise ConfigError(f"--workdir {workdir} holds checkpoints of another model ({diff}); "
                           f"use a new --workdir or delete that one")
+
+
+def check_classes(config, data):
+    """A classifier's output count equals the data's class count (labels past it would
+    be silently wrong, unused outputs waste nothing but mislead)."""
+    m = config.model
+    n_data = getattr(data, "n_classes", None)
+    if m.get("head") != "classify" or n_data is None:
+        return
+    if int(m.n_classes) != int(n_data):
+        raise ConfigError(f"model.n_classes={m.n_classes} but data.source "
+                          f"{config.data.source!r} has {n_data} classes; set "
+                          f"--config.model.n_classes={n_data}")
