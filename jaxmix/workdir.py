@@ -131,18 +131,12 @@ def restore_params(checkpoint_dir, step=None):
 
 def check_params(model, params, where):
     """One-line error when `params` do not fit `model` (names or shapes)."""
-    want = jax.tree_util.tree_flatten_with_path(models.abstract_params(model))[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-    name = lambda path: "/".join(str(getattr(p, "key", p)) for p in path)
-    have = {name(p): v for p, v in got.items()}
-    for path, leaf in want:
-        if name(path) not in have:
-            raise ConfigError(f"{where}: param {name(path)} is missing; the checkpoint was "
+    have = models.named_params(params)
+    for name, leaf in models.named_params(models.abstract_params(model)).items():
+        if name not in have:
+            raise ConfigError(f"{where}: param {name} is missing; the checkpoint was "
                               f"written for another model config")
-        if tuple(have[name(path)].shape) != tuple(leaf.shape):
-            raise ConfigError(f"{where}: param {name(path)} has shape "
-                              f"{tuple(have[name(path)].shape)}, the model wants "
-                              f"{tuple(leaf.shape)}")
+        models.check_param_shape(where, name, have[name], leaf)
 
 
 def load_workdir(workdir, step=None, family="lm"):

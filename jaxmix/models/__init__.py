@@ -28,11 +28,10 @@ def check_family(cfg):
                               f"sees later positions); model.family='lm' takes causal mixers "
                               f"only; use it with model.family='encoder'")
         if family == "encoder" and causal:
-            hint = ("set model.mixers.{name}.causal=False" if getattr(cls, "CAUSAL", True)
+            hint = (f"set model.mixers.{name}.causal=False" if getattr(cls, "CAUSAL", True)
                     is None else "use bimamba, mambamixer or attention with causal=False")
             raise ConfigError(f"model.mixers.{name}: the {kind} mixer is causal; "
-                              f"model.family='encoder' takes bidirectional mixers: "
-                              + hint.format(name=name))
+                              f"model.family='encoder' takes bidirectional mixers: {hint}")
     if family != "encoder":
         return
     head = encoder.field(cfg, "head")
@@ -72,9 +71,17 @@ def abstract_params(model):
         lambda: model.init(jax.random.PRNGKey(0), *args, **kwargs)["params"]))
 
 
-def _flat(tree):
+def named_params(tree):
+    """{"a/b/c": leaf} of a params tree, in its flattening order."""
     return {"/".join(str(getattr(p, "key", p)) for p in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_param_shape(where, name, have, want):
+    """One-line ConfigError when a loaded param's shape is not the model's."""
+    if tuple(have.shape) != tuple(want.shape):
+        raise ConfigError(f"{where}: param {name} has shape {tuple(have.shape)}, the model "
+                          f"wants {tuple(want.shape)}")
 
 
 def graft(fresh, loaded, where):
@@ -83,16 +90,11 @@ def graft(fresh, loaded, where):
     pretraining heads) are dropped. Logs which params start fresh; a shape mismatch is
     a one-line ConfigError, as is a checkpoint that shares nothing with the model."""
     import logging
-    have = _flat(loaded)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    have, want = named_params(loaded), named_params(fresh)
     out, kept = [], []
-    for path, leaf in paths:
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
+    for name, leaf in want.items():
         if name in have:
-            if tuple(have[name].shape) != tuple(leaf.shape):
-                raise ConfigError(f"{where}: param {name} has shape "
-                                  f"{tuple(have[name].shape)}, the model wants "
-                                  f"{tuple(leaf.shape)}")
+            check_param_shape(where, name, have[name], leaf)
             out.append(jax.device_put(jnp.asarray(have[name], leaf.dtype), leaf.sharding))
             kept.append(name)
         else:
@@ -100,11 +102,10 @@ def graft(fresh, loaded, where):
     if not kept:
         raise ConfigError(f"{where}: the checkpoint has no param of this model; it was "
                           f"written for another model config")
-    fresh_names = sorted({n.split("/")[0] for n in _flat(fresh)} - {n.split("/")[0]
-                                                                   for n in kept})
+    fresh_names = sorted({n.split("/")[0] for n in want} - {n.split("/")[0] for n in kept})
     logging.getLogger("jaxmix").info("%s: %d params loaded, starting fresh: %s", where,
                                      len(kept), ", ".join(fresh_names) or "none")
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return jax.tree.unflatten(jax.tree.structure(fresh), out)
 
 
 def example_inputs(model, seq_len=1):
@@ -138,5 +139,7 @@ def adapt_params(params, target_config):
     return out
 
 
-__all__ = ["build", "LM", "Encoder", "example_inputs", "check_family", "abstract_params", "graft", "padded_vocab", "layer_kinds", "layer_mixers", "mixer_config",
-           "normalize_config", "default_mixers", "kind_of", "adapt_params", "SHARED"]
+__all__ = ["build", "LM", "Encoder", "example_inputs", "check_family", "abstract_params",
+           "graft", "named_params", "check_param_shape", "padded_vocab", "layer_kinds",
+           "layer_mixers", "mixer_config", "normalize_config", "default_mixers", "kind_of",
+           "adapt_params", "SHARED"]
