@@ -20,7 +20,8 @@ def get_config(preset="ssamba"):
     seq_len = 256
     c.model.update(vocab_size=256, vocab_multiple=8, patch_dim=0, max_len=seq_len,
                    head="masked_token", n_classes=0, tie_embeddings=True)
-    c.data = type(c.data)(dict(source="stdlib", val_fraction=0.02, shuffle=True))
+    c.data = type(c.data)(dict(source="stdlib", val_fraction=0.02, shuffle=True,
+                               tokenizer="bytes", packing="concat"))
     c.train.update(steps=400, decay_steps=400, batch_size=16, seq_len=seq_len,
                    learning_rate=2e-3, warmup_steps=50, log_every=10, eval_every=100,
                    eval_batches=8, checkpoint_every=100)

@@ -41,7 +41,10 @@ def base_config():
         log_every=10, eval_every=100, eval_batches=8, checkpoint_every=100,
         keep_checkpoints=3, seed=0,
         cpu_devices=0))  # CPU hosts: data-parallel over up to this many cores (0 = all, 1 = off)
-    c.data = ml_collections.ConfigDict(dict(source="stdlib", val_fraction=0.02, shuffle=True))
+    # tokenizer: "bytes" or an HF tokenizer folder / tokenizer.json; packing: "concat"
+    # (documents run together) or "segments" (no position sees across a document).
+    c.data = ml_collections.ConfigDict(dict(source="stdlib", val_fraction=0.02, shuffle=True,
+                                            tokenizer="bytes", packing="concat"))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
     c.init_from = ""  # an HF model directory or a jaxmix workdir to start from

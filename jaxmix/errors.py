@@ -9,6 +9,11 @@ class ConfigError(ValueError):
     """
 
 
+def first_line(e):
+    """The first line of an exception's message (its type name when it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def exit_status(body):
     """Runs a command's `body()`: exit status 0, or 2 after one `error: ...` line on
     stderr when it raises a ConfigError."""

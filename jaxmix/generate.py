@@ -161,15 +161,26 @@ def sample_text(model, params, prompt, max_new_tokens, **kw):
 # ----------------------------------------------------------------------------- CLI
 
 def _tokenizer(workdir):
-    """An HF tokenizer saved next to a converted checkpoint, or None."""
+    """The tokenizer in WORKDIR/tokenizer (copied there from a converted Hugging Face
+    checkpoint or a prepared corpus), or None when there is no such folder."""
+    from jaxmix.data.tokenizer import load_tokenizer
     path = os.path.join(workdir, "tokenizer")
     if not os.path.isdir(path):
         return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        return None
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path, field=f"--workdir {workdir}")
+
+
+def encode_prompt(tok, prompt, vocab_size):
+    """The prompt's ids [1, L] with the tokenizer's special tokens (an empty prompt
+    starts from a newline); ConfigError if an id is outside the model's vocabulary."""
+    ids = tok.encode(prompt or "\n", add_special_tokens=True)
+    if len(ids) == 0:
+        raise ConfigError(f"--prompt {prompt!r} encodes to no tokens; give a longer prompt")
+    if int(ids.max()) >= vocab_size:
+        raise ConfigError(f"--prompt: token id {int(ids.max())} of the workdir's tokenizer "
+                          f"is outside the model's vocabulary ({vocab_size}); the tokenizer "
+                          f"folder does not belong to this model")
+    return np.asarray(ids, np.int32)[None, :]
 
 
 def set_max_cache_len(model_cfg, n):
@@ -216,15 +227,17 @@ def main(argv=None):
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                   top_p=a.top_p, rng=jax.random.PRNGKey(a.seed),
                   prefill_chunk=a.prefill_chunk)
-        if config.model.vocab_size == 256:
+        tok = _tokenizer(a.workdir)
+        if tok is None and config.model.vocab_size == 256:
             text = sample_text(model, params, a.prompt, **kw)
         else:
-            tok = _tokenizer(a.workdir)
             if tok is None:
                 raise ConfigError(f"--workdir {a.workdir}: vocab_size={config.model.vocab_size} "
-                                  f"needs a tokenizer; install the `hf` extra and convert with "
-                                  f"a directory that holds tokenizer files")
-            ids = np.asarray([tok.encode(a.prompt or "\n")], np.int32)
+                                  f"needs a tokenizer in {os.path.join(a.workdir, 'tokenizer')}; "
+                                  f"convert from a Hugging Face directory that holds "
+                                  f"tokenizer.json, or put the tokenizer the model was "
+                                  f"trained with (its tokenizer.json) there")
+            ids = encode_prompt(tok, a.prompt, config.model.vocab_size)
             text = tok.decode(np.asarray(generate(model, params, ids, **kw))[0])
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,8 @@ Layout (all padded by the caller, see `jaxmix.ops.scan_pallas`):
   dskip, bias            [1, Dp]       D skip and delta bias (zeros when absent)
   h0, h_last, dh0        [B, N, Dp]
   hs                     [B, nL, N, Dp] the state at the start of every time tile
+  keepT (optional)       [B, 1, Lp]    fp32 decay mask (0: reset the state before
+                                       this step; packed documents), time on lanes
 Lp is a multiple of block_l and Dp of block_d (a multiple of 128). Steps at or
 past `length` are masked (delta forced to 0, so the state passes through), so
 ragged L is padded, not rejected; padded channels are cut off by the caller.
@@ -24,6 +26,10 @@ n_l-1-j and runs each tile's steps from the last row to the first (hs then holds
 state entering each tile from the right), the backward walks the tiles and the rows
 forwards. Padded steps sit at the end, so the reverse scan meets them first; with
 delta = 0 they leave the state (and, backward, g) unchanged either way.
+
+With keepT the decay is a_t = keep_t exp(delta_t A), forward, recompute and in the
+backward's g recurrence alike; every other gradient formula holds unchanged with that
+a_t. Without it the kernels take no such input and do no such product.
 
 Inputs may be bf16; all maths is fp32 (tiles of the [B, L, D] operands are cast into
 an fp32 VMEM buffer once per grid step, so the per-step row accesses never touch
@@ -65,20 +71,28 @@ U, DL, Z, Y = 0, 1, 2, 3                  # forward rows: u, delta, z | y
 DY, DU, DDL, DZ = 3, 4, 5, 6              # backward rows: u, delta, z, dy | du, ddelta, dz
 
 
-def _stage_tile(io, rows, aT_ref, dskip_ref, bias_ref, bT_ref, cT_ref, block_l):
+def _stage_tile(io, rows, r, block_l):
     """Copies this tile's [L, D] rows into the fp32 `io` scratch; returns the fp32
-    per-tile operands (A^T, D skip, delta bias, B^T, C^T) and a lane iota."""
+    per-tile operands (A^T, D skip, delta bias, B^T, C^T, keep^T or None) and a lane
+    iota. `r`: the kernel's refs by name."""
     for k, ref in rows:
         if ref is not None:
             io[k] = ref[0].astype(f32)
     lane = jax.lax.broadcasted_iota(jnp.int32, (1, block_l), 1)
-    return (aT_ref[...].astype(f32), dskip_ref[...].astype(f32), bias_ref[...].astype(f32),
-            bT_ref[0].astype(f32), cT_ref[0].astype(f32), lane)
+    kT = r["keepT"][0].astype(f32) if "keepT" in r else None
+    return (r["aT"][...].astype(f32), r["dskip"][...].astype(f32), r["bias"][...].astype(f32),
+            r["bT"][0].astype(f32), r["cT"][0].astype(f32), kT, lane)
 
 
-def _advance(h_ND, dl, u, a_ND, bT, lane, t):
-    """One step of the recurrence: h = exp(delta * A) * h + delta * u * B_t."""
-    return jnp.exp(dl * a_ND) * h_ND + (dl * u) * _column(bT, lane, t)
+def _decay(dl, a_ND, kT, lane, t):
+    """a_t = exp(delta * A) [N, Dt], times keep_t when there is a keep mask."""
+    a = jnp.exp(dl * a_ND)
+    return a if kT is None else a * _column(kT, lane, t)
+
+
+def _advance(h_ND, dl, u, a_ND, bT, kT, lane, t):
+    """One step of the recurrence: h = a_t * h + delta * u * B_t."""
+    return _decay(dl, a_ND, kT, lane, t) * h_ND + (dl * u) * _column(bT, lane, t)
 
 
 def _order(reverse, n):
@@ -86,33 +100,28 @@ def _order(reverse, n):
     return (lambda k: n - 1 - k) if reverse else (lambda k: k)
 
 
-def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z, reverse):
-    if has_z:
-        (u_ref, dl_ref, z_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, h0_ref,
-         y_ref, hlast_ref, hs_ref, h_scr, io) = refs
-    else:
-        (u_ref, dl_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, h0_ref,
-         y_ref, hlast_ref, hs_ref, h_scr, io) = refs
-        z_ref = None
+def _fwd_kernel(*refs, names, length, block_l, n_l, softplus, reverse):
+    r = dict(zip(names, refs))
+    has_z = "z" in r
+    y_ref, hlast_ref, hs_ref, h_scr, io = (r[k] for k in ("y", "hlast", "hs", "h_scr", "io"))
     j = pl.program_id(2)
     l = _order(reverse, n_l)(j)           # this grid step's time tile
     row = _order(reverse, block_l)        # scan step k of the tile -> its row
 
     @pl.when(j == 0)
     def _():
-        h_scr[...] = h0_ref[0].astype(f32)
+        h_scr[...] = r["h0"][0].astype(f32)
 
     hs_ref[0, 0] = h_scr[...]
-    a_ND, dskip, bias, bT, cT, lane = _stage_tile(
-        io, ((U, u_ref), (DL, dl_ref), (Z, z_ref)), aT_ref, dskip_ref, bias_ref, bT_ref,
-        cT_ref, block_l)
+    a_ND, dskip, bias, bT, cT, kT, lane = _stage_tile(
+        io, ((U, r["u"]), (DL, r["dl"]), (Z, r.get("z"))), r, block_l)
 
     def step(k, h_ND):
         t = row(k)
         valid = l * block_l + t < length
         u = io[U, pl.ds(t, 1), :]
         _, dl = _delta(io, bias, t, valid, softplus)
-        h_ND = _advance(h_ND, dl, u, a_ND, bT, lane, t)
+        h_ND = _advance(h_ND, dl, u, a_ND, bT, kT, lane, t)
         y = jnp.sum(_column(cT, lane, t) * h_ND, axis=0, keepdims=True) + dskip * u
         if has_z:
             z = io[Z, pl.ds(t, 1), :]
@@ -129,40 +138,35 @@ def _fwd_kernel(*refs, length, block_l, n_l, softplus, has_z, reverse):
         hlast_ref[0] = h_ND
 
 
-def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z, reverse):
-    if has_z:
-        (u_ref, dl_ref, z_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, hs_ref, dy_ref,
-         dhl_ref, du_ref, ddl_ref, dz_ref, dbT_ref, dcT_ref, dA_ref, dD_ref, dbias_ref,
-         dh0_ref, g_scr, hbuf_scr, io) = refs
-    else:
-        (u_ref, dl_ref, bT_ref, cT_ref, aT_ref, dskip_ref, bias_ref, hs_ref, dy_ref,
-         dhl_ref, du_ref, ddl_ref, dbT_ref, dcT_ref, dA_ref, dD_ref, dbias_ref,
-         dh0_ref, g_scr, hbuf_scr, io) = refs
-        z_ref = dz_ref = None
+def _bwd_kernel(*refs, names, length, block_l, n_l, softplus, reverse):
+    r = dict(zip(names, refs))
+    has_z = "z" in r
+    dz_ref = r.get("dz")
+    dA_ref, dD_ref, dbias_ref = r["dA"], r["dD"], r["dbias"]
+    g_scr, hbuf_scr, io = r["g_scr"], r["hbuf"], r["io"]
     j = pl.program_id(2)
     l = _order(not reverse, n_l)(j)       # time tiles against the scan's direction
     row = _order(reverse, block_l)        # scan step k of the tile -> its row
 
     @pl.when(j == 0)
     def _():
-        g_scr[...] = dhl_ref[0].astype(f32)
+        g_scr[...] = r["dhl"][0].astype(f32)
         dA_ref[...] = jnp.zeros_like(dA_ref)
         dD_ref[...] = jnp.zeros_like(dD_ref)
         dbias_ref[...] = jnp.zeros_like(dbias_ref)
 
-    a_ND, dskip, bias, bT, cT, lane = _stage_tile(
-        io, ((U, u_ref), (DL, dl_ref), (Z, z_ref), (DY, dy_ref)), aT_ref, dskip_ref,
-        bias_ref, bT_ref, cT_ref, block_l)
+    a_ND, dskip, bias, bT, cT, kT, lane = _stage_tile(
+        io, ((U, r["u"]), (DL, r["dl"]), (Z, r.get("z")), (DY, r["dy"])), r, block_l)
 
     def recompute(k, h_ND):
         t = row(k)
         valid = l * block_l + t < length
         _, dl = _delta(io, bias, t, valid, softplus)
-        h_ND = _advance(h_ND, dl, io[U, pl.ds(t, 1), :], a_ND, bT, lane, t)
+        h_ND = _advance(h_ND, dl, io[U, pl.ds(t, 1), :], a_ND, bT, kT, lane, t)
         hbuf_scr[t] = h_ND
         return h_ND
 
-    jax.lax.fori_loop(0, block_l, recompute, hs_ref[0, 0])
+    jax.lax.fori_loop(0, block_l, recompute, r["hs"][0, 0])
 
     def backward(k, carry):
         g_ND, dA_ND, dD_1D, db_1D, dbT_NL, dcT_NL = carry
@@ -192,27 +196,26 @@ def _bwd_kernel(*refs, length, block_l, n_l, softplus, has_z, reverse):
         sel = lane == t
         dbT_NL = jnp.where(sel, jnp.sum(g_ND * dlu, axis=1, keepdims=True), dbT_NL)
         dcT_NL = jnp.where(sel, jnp.sum(h_ND * dy, axis=1, keepdims=True), dcT_NL)
-        carry = (jnp.exp(dl * a_ND) * g_ND, dA_ND + s_ND * dl, dD_1D + u * dy, db_1D + ddl,
-                 dbT_NL, dcT_NL)
-        return carry
+        return (_decay(dl, a_ND, kT, lane, t) * g_ND, dA_ND + s_ND * dl, dD_1D + u * dy,
+                db_1D + ddl, dbT_NL, dcT_NL)
 
     zeros_NL = jnp.zeros(bT.shape, f32)
     init = (g_scr[...], jnp.zeros(a_ND.shape, f32), jnp.zeros(dskip.shape, f32),
             jnp.zeros(bias.shape, f32), zeros_NL, zeros_NL)
     g_ND, dA_ND, dD_1D, db_1D, dbT_NL, dcT_NL = jax.lax.fori_loop(0, block_l, backward, init)
     g_scr[...] = g_ND
-    for k, ref in ((DU, du_ref), (DDL, ddl_ref), (DZ, dz_ref)):
+    for k, ref in ((DU, r["du"]), (DDL, r["ddl"]), (DZ, dz_ref)):
         if ref is not None:
             ref[0] = io[k].astype(ref.dtype)
-    dbT_ref[0, 0] = dbT_NL
-    dcT_ref[0, 0] = dcT_NL
+    r["dbT"][0, 0] = dbT_NL
+    r["dcT"][0, 0] = dcT_NL
     dA_ref[0] += dA_ND
     dD_ref[0] += dD_1D
     dbias_ref[0] += db_1D
 
     @pl.when(j == n_l - 1)
     def _():
-        dh0_ref[0] = g_ND
+        r["dh0"][0] = g_ND
 
 
 def _specs(b, n, block_l, block_d, n_l, reverse):
@@ -227,6 +230,7 @@ def _specs(b, n, block_l, block_d, n_l, reverse):
         B1D=pl.BlockSpec((1, 1, block_d), lambda i, d, j: (i, 0, d)),
         HS=pl.BlockSpec((1, 1, n, block_d), lambda i, d, j: (i, lt(j), 0, d)),
         PART=pl.BlockSpec((1, 1, n, block_l), lambda i, d, j: (i, d, 0, lt(j))),
+        B1L=pl.BlockSpec((1, 1, block_l), lambda i, d, j: (i, 0, lt(j))),
     )
 
 
@@ -245,20 +249,29 @@ def _check(u, bT, block_l, block_d):
 STATIC = ("length", "softplus", "block_l", "block_d", "interpret", "reverse")
 
 
+def _inputs(named):
+    """(names, arrays, specs) of the (name, array, spec) triples whose array is given."""
+    named = [x for x in named if x[1] is not None]
+    return tuple(x[0] for x in named), [x[1] for x in named], [x[2] for x in named]
+
+
 @functools.partial(jax.jit, static_argnames=STATIC)
-def scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, *, length, softplus, block_l,
-             block_d, interpret=False, reverse=False):
+def scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, keepT=None, *, length, softplus,
+             block_l, block_d, interpret=False, reverse=False):
     """Returns y [B, Lp, Dp] (u's dtype), h_last [B, N, Dp] fp32, hs [B, nL, N, Dp] fp32
-    (hs[:, l]: the state entering time tile l in the scan's direction)."""
+    (hs[:, l]: the state entering time tile l in the scan's direction). keepT [B, 1, Lp]
+    fp32 (or None: no input) multiplies the decay."""
     b, lp, dp, n = _check(u, bT, block_l, block_d)
     n_l = lp // block_l
     s = _specs(b, n, block_l, block_d, n_l, reverse=reverse)
-    has_z = z is not None
-    ins = [u, delta] + ([z] if has_z else []) + [bT, cT, aT, dskip, bias, h0]
-    in_specs = [s["BLD"], s["BLD"]] + ([s["BLD"]] if has_z else []) + [
-        s["BNL"], s["BNL"], s["ND"], s["OD"], s["OD"], s["BND"]]
-    kernel = functools.partial(_fwd_kernel, length=length, block_l=block_l, n_l=n_l,
-                               softplus=softplus, has_z=has_z, reverse=reverse)
+    names, ins, in_specs = _inputs([
+        ("u", u, s["BLD"]), ("dl", delta, s["BLD"]), ("z", z, s["BLD"]),
+        ("bT", bT, s["BNL"]), ("cT", cT, s["BNL"]), ("aT", aT, s["ND"]),
+        ("dskip", dskip, s["OD"]), ("bias", bias, s["OD"]), ("h0", h0, s["BND"]),
+        ("keepT", keepT, s["B1L"])])
+    names += ("y", "hlast", "hs", "h_scr", "io")
+    kernel = functools.partial(_fwd_kernel, names=names, length=length, block_l=block_l,
+                               n_l=n_l, softplus=softplus, reverse=reverse)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -275,8 +288,8 @@ def scan_fwd(u, delta, z, bT, cT, aT, dskip, bias, h0, *, length, softplus, bloc
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def scan_bwd(u, delta, z, bT, cT, aT, dskip, bias, hs, dy, dh_last, *, length, softplus,
-             block_l, block_d, interpret=False, reverse=False):
+def scan_bwd(u, delta, z, bT, cT, aT, dskip, bias, hs, dy, dh_last, keepT=None, *, length,
+             softplus, block_l, block_d, interpret=False, reverse=False):
     """Gradients: du, ddelta (before bias/softplus), dz (or None) [B, Lp, Dp] in the
     dtypes of u, delta, z;
     dbT, dcT partial sums [B, Dp / block_d, N, Lp]; dA^T, dD, dbias per batch row
@@ -285,9 +298,13 @@ def scan_bwd(u, delta, z, bT, cT, aT, dskip, bias, hs, dy, dh_last, *, length, s
     n_l, n_d = lp // block_l, dp // block_d
     s = _specs(b, n, block_l, block_d, n_l, reverse=not reverse)
     has_z = z is not None
-    ins = [u, delta] + ([z] if has_z else []) + [bT, cT, aT, dskip, bias, hs, dy, dh_last]
-    in_specs = [s["BLD"], s["BLD"]] + ([s["BLD"]] if has_z else []) + [
-        s["BNL"], s["BNL"], s["ND"], s["OD"], s["OD"], s["HS"], s["BLD"], s["BND"]]
+    names, ins, in_specs = _inputs([
+        ("u", u, s["BLD"]), ("dl", delta, s["BLD"]), ("z", z, s["BLD"]),
+        ("bT", bT, s["BNL"]), ("cT", cT, s["BNL"]), ("aT", aT, s["ND"]),
+        ("dskip", dskip, s["OD"]), ("bias", bias, s["OD"]), ("hs", hs, s["HS"]),
+        ("dy", dy, s["BLD"]), ("dhl", dh_last, s["BND"]), ("keepT", keepT, s["B1L"])])
+    names += ("du", "ddl") + (("dz",) if has_z else ()) + (
+        "dbT", "dcT", "dA", "dD", "dbias", "dh0", "g_scr", "hbuf", "io")
     bld = lambda x: jax.ShapeDtypeStruct((b, lp, dp), x.dtype)
     part = jax.ShapeDtypeStruct((b, n_d, n, lp), f32)
     b1d = jax.ShapeDtypeStruct((b, 1, dp), f32)
@@ -296,8 +313,8 @@ def scan_bwd(u, delta, z, bT, cT, aT, dskip, bias, hs, dy, dh_last, *, length, s
         part, part, bnd, b1d, b1d, bnd]
     out_specs = [s["BLD"], s["BLD"]] + ([s["BLD"]] if has_z else []) + [
         s["PART"], s["PART"], s["BND"], s["B1D"], s["B1D"], s["BND"]]
-    kernel = functools.partial(_bwd_kernel, length=length, block_l=block_l, n_l=n_l,
-                               softplus=softplus, has_z=has_z, reverse=reverse)
+    kernel = functools.partial(_bwd_kernel, names=names, length=length, block_l=block_l,
+                               n_l=n_l, softplus=softplus, reverse=reverse)
     outs = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

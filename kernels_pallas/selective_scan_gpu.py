@@ -7,6 +7,8 @@ Layout (channels last, padded by the caller, see `jaxmix.ops.scan_pallas_gpu`):
   dskip, bias             [Dp]            D skip and delta bias (zeros when absent)
   h0, h_last, dh0         [B, Dp, Np]
   hs                      [B, nC, Dp, Np] the state at the start of every chunk
+  keep (optional)         [B, L]          fp32 decay mask (0: reset the state before
+                                          this step; packed documents)
 Dp is a multiple of block_d and block_d, Np are powers of two (Triton tensors must
 have power-of-two sizes); nC = ceil(L / chunk). Padded channels and state entries
 (A = B = C = 0) carry nothing into the real ones.
@@ -29,6 +31,10 @@ kernels: the forward walks the chunks from the last (the ragged one) to the firs
 and each chunk's rows from its end (hs[:, ci] is then the state entering chunk ci
 from the right); the backward recomputes a chunk in that same order and walks the
 chunks and rows forwards. L is not padded, so no step needs masking either way.
+
+With `keep` the decay is a_t = keep_t exp(delta_t A) in the forward, the recompute
+and the g recurrence; the other gradient formulas hold unchanged with that a_t.
+Without it the kernels take no such input and do no such product.
 """
 import functools
 
@@ -56,9 +62,15 @@ def _delta(dl_ref, bias_D, t, softplus):
     return raw_D, (_softplus(raw_D) if softplus else raw_D)
 
 
-def _advance(h_DN, a_DN, dl_D, u_D, b_N):
-    """h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t."""
-    return jnp.exp(dl_D[:, None] * a_DN) * h_DN + (dl_D * u_D)[:, None] * b_N[None, :]
+def _decay(a_DN, dl_D, keep_ref, t):
+    """a_t = exp(delta_t A) [block_d, Np], times keep_t when there is a keep mask."""
+    a = jnp.exp(dl_D[:, None] * a_DN)
+    return a if keep_ref is None else a * keep_ref[t].astype(f32)
+
+
+def _advance(h_DN, a_DN, dl_D, u_D, b_N, keep_ref, t):
+    """h_t = a_t h_{t-1} + delta_t u_t B_t."""
+    return _decay(a_DN, dl_D, keep_ref, t) * h_DN + (dl_D * u_D)[:, None] * b_N[None, :]
 
 
 def _walk(lo, hi, k, backwards):
@@ -66,24 +78,22 @@ def _walk(lo, hi, k, backwards):
     return hi - 1 - k if backwards else lo + k
 
 
-def _fwd_kernel(*refs, length, chunk, softplus, has_z, reverse):
-    if has_z:
-        (u_ref, dl_ref, z_ref, b_ref, c_ref, a_ref, dskip_ref, bias_ref, h0_ref,
-         y_ref, hlast_ref, hs_ref) = refs
-    else:
-        (u_ref, dl_ref, b_ref, c_ref, a_ref, dskip_ref, bias_ref, h0_ref,
-         y_ref, hlast_ref, hs_ref) = refs
-    a_DN = a_ref[...].astype(f32)
-    dskip_D = dskip_ref[...].astype(f32)
-    bias_D = bias_ref[...].astype(f32)
+def _fwd_kernel(*refs, names, length, chunk, softplus, reverse):
+    r = dict(zip(names, refs))
+    has_z, keep_ref = "z" in r, r.get("keep")
+    u_ref, dl_ref, b_ref, c_ref, y_ref, hs_ref = (r[k] for k in ("u", "dl", "b", "c", "y",
+                                                                   "hs"))
+    a_DN = r["a"][...].astype(f32)
+    dskip_D = r["dskip"][...].astype(f32)
+    bias_D = r["bias"][...].astype(f32)
 
     def step(t, h_DN):
         u_D = _row(u_ref, t)
         _, dl_D = _delta(dl_ref, bias_D, t, softplus)
-        h_DN = _advance(h_DN, a_DN, dl_D, u_D, _row(b_ref, t))
+        h_DN = _advance(h_DN, a_DN, dl_D, u_D, _row(b_ref, t), keep_ref, t)
         y_D = jnp.sum(h_DN * _row(c_ref, t)[None, :], axis=1) + dskip_D * u_D
         if has_z:
-            z_D = _row(z_ref, t)
+            z_D = _row(r["z"], t)
             y_D = y_D * (z_D * jax.nn.sigmoid(z_D))
         y_ref[t, :] = y_D.astype(y_ref.dtype)
         return h_DN
@@ -98,22 +108,19 @@ def _fwd_kernel(*refs, length, chunk, softplus, has_z, reverse):
         return jax.lax.fori_loop(0, t1 - t0, lambda k, h: step(_walk(t0, t1, k, reverse), h),
                                  h_DN)
 
-    h_DN = jax.lax.fori_loop(0, n_chunks, chunk_body, h0_ref[...].astype(f32))
-    hlast_ref[...] = h_DN
+    h_DN = jax.lax.fori_loop(0, n_chunks, chunk_body, r["h0"][...].astype(f32))
+    r["hlast"][...] = h_DN
 
 
-def _bwd_kernel(*refs, length, chunk, softplus, has_z, reverse, barrier):
-    if has_z:
-        (u_ref, dl_ref, z_ref, b_ref, c_ref, a_ref, dskip_ref, bias_ref, hs_ref, dy_ref,
-         dhl_ref, du_ref, ddl_ref, dz_ref, db_ref, dc_ref, da_ref, dskip_out, dbias_out,
-         dh0_ref, hbuf_ref) = refs
-    else:
-        (u_ref, dl_ref, b_ref, c_ref, a_ref, dskip_ref, bias_ref, hs_ref, dy_ref,
-         dhl_ref, du_ref, ddl_ref, db_ref, dc_ref, da_ref, dskip_out, dbias_out,
-         dh0_ref, hbuf_ref) = refs
-    a_DN = a_ref[...].astype(f32)
-    dskip_D = dskip_ref[...].astype(f32)
-    bias_D = bias_ref[...].astype(f32)
+def _bwd_kernel(*refs, names, length, chunk, softplus, reverse, barrier):
+    r = dict(zip(names, refs))
+    has_z, keep_ref = "z" in r, r.get("keep")
+    u_ref, dl_ref, b_ref, c_ref, dy_ref, hbuf_ref = (r[k] for k in ("u", "dl", "b", "c", "dy",
+                                                                     "hbuf"))
+    du_ref, ddl_ref, db_ref, dc_ref = (r[k] for k in ("du", "ddl", "db", "dc"))
+    a_DN = r["a"][...].astype(f32)
+    dskip_D = r["dskip"][...].astype(f32)
+    bias_D = r["bias"][...].astype(f32)
     n_chunks = pl.cdiv(length, chunk)
     # hbuf rows are written and read back by different threads of the program.
     sync = pltriton.debug_barrier if barrier else (lambda: None)
@@ -126,11 +133,11 @@ def _bwd_kernel(*refs, length, chunk, softplus, has_z, reverse, barrier):
         def recompute(k, h_DN):
             t = _walk(t0, t1, k, reverse)
             _, dl_D = _delta(dl_ref, bias_D, t, softplus)
-            h_DN = _advance(h_DN, a_DN, dl_D, _row(u_ref, t), _row(b_ref, t))
+            h_DN = _advance(h_DN, a_DN, dl_D, _row(u_ref, t), _row(b_ref, t), keep_ref, t)
             hbuf_ref[t - t0] = h_DN
             return h_DN
 
-        jax.lax.fori_loop(0, t1 - t0, recompute, hs_ref[ci])
+        jax.lax.fori_loop(0, t1 - t0, recompute, r["hs"][ci])
         sync()
 
         def backward(k, carry):
@@ -142,11 +149,11 @@ def _bwd_kernel(*refs, length, chunk, softplus, has_z, reverse, barrier):
             h_DN = hbuf_ref[t - t0]
             dy_D = _row(dy_ref, t)
             if has_z:
-                z_D = _row(z_ref, t)
+                z_D = _row(r["z"], t)
                 sz_D = jax.nn.sigmoid(z_D)
                 y_D = jnp.sum(h_DN * c_N[None, :], axis=1) + dskip_D * u_D
                 dz_D = dy_D * y_D * sz_D * (1.0 + z_D * (1.0 - sz_D))
-                dz_ref[t, :] = dz_D.astype(dz_ref.dtype)
+                r["dz"][t, :] = dz_D.astype(r["dz"].dtype)
                 dy_D = dy_D * (z_D * sz_D)
             g_DN = g_DN + dy_D[:, None] * c_N[None, :]
             dlu_D = dl_D * u_D
@@ -159,7 +166,7 @@ def _bwd_kernel(*refs, length, chunk, softplus, has_z, reverse, barrier):
             ddl_ref[t, :] = ddl_D.astype(ddl_ref.dtype)
             db_ref[t, :] = jnp.sum(g_DN * dlu_D[:, None], axis=0)
             dc_ref[t, :] = jnp.sum(h_DN * dy_D[:, None], axis=0)
-            return (jnp.exp(dl_D[:, None] * a_DN) * g_DN, dA_DN + s_DN * dl_D[:, None],
+            return (_decay(a_DN, dl_D, keep_ref, t) * g_DN, dA_DN + s_DN * dl_D[:, None],
                     dD_D + u_D * dy_D, dbias_D + ddl_D)
 
         carry = jax.lax.fori_loop(0, t1 - t0, backward, carry)
@@ -167,12 +174,12 @@ def _bwd_kernel(*refs, length, chunk, softplus, has_z, reverse, barrier):
         return carry
 
     zeros_D = jnp.zeros(bias_D.shape, f32)
-    init = (dhl_ref[...].astype(f32), jnp.zeros(a_DN.shape, f32), zeros_D, zeros_D)
+    init = (r["dhl"][...].astype(f32), jnp.zeros(a_DN.shape, f32), zeros_D, zeros_D)
     g_DN, dA_DN, dD_D, dbias_D = jax.lax.fori_loop(0, n_chunks, chunk_body, init)
-    dh0_ref[...] = g_DN
-    da_ref[...] = dA_DN
-    dskip_out[...] = dD_D
-    dbias_out[...] = dbias_D
+    r["dh0"][...] = g_DN
+    r["da"][...] = dA_DN
+    r["dskip_out"][...] = dD_D
+    r["dbias_out"][...] = dbias_D
 
 
 def _is_pow2(x):
@@ -206,25 +213,33 @@ def _specs(length, n, block_d, chunk, n_chunks):
         HS=pl.BlockSpec((SQ, n_chunks, block_d, n), lambda i, d: (i, 0, d, 0)),
         BUF=pl.BlockSpec((SQ, chunk, block_d, n), lambda i, d: (i, 0, d, 0)),
         PART=pl.BlockSpec((SQ, SQ, length, n), lambda i, d: (i, d, 0, 0)),
+        BL=pl.BlockSpec((SQ, length), lambda i, d: (i, 0)),
     )
+
+
+def _inputs(named):
+    """(names, arrays, specs) of the (name, array, spec) triples whose array is given."""
+    named = [x for x in named if x[1] is not None]
+    return tuple(x[0] for x in named), [x[1] for x in named], [x[2] for x in named]
 
 
 STATIC = ("softplus", "block_d", "chunk", "interpret", "reverse", "num_warps", "num_stages")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, *, softplus, block_d, chunk,
+def scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, keep=None, *, softplus, block_d, chunk,
              interpret=False, reverse=False, num_warps=4, num_stages=1):
     """Returns y [B, L, Dp] (u's dtype), h_last [B, Dp, Np] fp32, hs [B, nC, Dp, Np] fp32
-    (hs[:, ci]: the state entering chunk ci in the scan's direction)."""
+    (hs[:, ci]: the state entering chunk ci in the scan's direction). keep [B, L] fp32
+    (or None: no input) multiplies the decay."""
     bsz, length, dp, n, n_d, n_chunks = _check(u, b, block_d, chunk)
     s = _specs(length, n, block_d, chunk, n_chunks)
-    has_z = z is not None
-    ins = [u, delta] + ([z] if has_z else []) + [b, c, a, dskip, bias, h0]
-    in_specs = [s["BLD"]] * (3 if has_z else 2) + [
-        s["BLN"], s["BLN"], s["DN"], s["D"], s["D"], s["BDN"]]
-    kernel = functools.partial(_fwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               has_z=has_z, reverse=reverse)
+    names, ins, in_specs = _inputs([
+        ("u", u, s["BLD"]), ("dl", delta, s["BLD"]), ("z", z, s["BLD"]), ("b", b, s["BLN"]),
+        ("c", c, s["BLN"]), ("a", a, s["DN"]), ("dskip", dskip, s["D"]),
+        ("bias", bias, s["D"]), ("h0", h0, s["BDN"]), ("keep", keep, s["BL"])])
+    kernel = functools.partial(_fwd_kernel, names=names + ("y", "hlast", "hs"), length=length,
+                               chunk=chunk, softplus=softplus, reverse=reverse)
     return pl.pallas_call(
         kernel,
         grid=(bsz, n_d),
@@ -240,8 +255,8 @@ def scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, *, softplus, block_d, chunk,
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def scan_bwd(u, delta, z, b, c, a, dskip, bias, hs, dy, dh_last, *, softplus, block_d,
-             chunk, interpret=False, reverse=False, num_warps=4, num_stages=1):
+def scan_bwd(u, delta, z, b, c, a, dskip, bias, hs, dy, dh_last, keep=None, *, softplus,
+             block_d, chunk, interpret=False, reverse=False, num_warps=4, num_stages=1):
     """Gradients: du, ddelta (before bias/softplus), dz (or None) [B, L, Dp] in the
     dtypes of u, delta, z; dB, dC partial sums [B, Dp / block_d, L, Np] fp32; dA
     [B, Dp, Np], dD [B, Dp], ddelta_bias [B, Dp] per batch row; dh0 [B, Dp, Np]."""
@@ -251,9 +266,13 @@ def scan_bwd(u, delta, z, b, c, a, dskip, bias, hs, dy, dh_last, *, softplus, bl
                          f"{(bsz, n_chunks, dp, n)} for chunk={chunk}")
     s = _specs(length, n, block_d, chunk, n_chunks)
     has_z = z is not None
-    ins = [u, delta] + ([z] if has_z else []) + [b, c, a, dskip, bias, hs, dy, dh_last]
-    in_specs = [s["BLD"]] * (3 if has_z else 2) + [
-        s["BLN"], s["BLN"], s["DN"], s["D"], s["D"], s["HS"], s["BLD"], s["BDN"]]
+    names, ins, in_specs = _inputs([
+        ("u", u, s["BLD"]), ("dl", delta, s["BLD"]), ("z", z, s["BLD"]), ("b", b, s["BLN"]),
+        ("c", c, s["BLN"]), ("a", a, s["DN"]), ("dskip", dskip, s["D"]),
+        ("bias", bias, s["D"]), ("hs", hs, s["HS"]), ("dy", dy, s["BLD"]),
+        ("dhl", dh_last, s["BDN"]), ("keep", keep, s["BL"])])
+    names += ("du", "ddl") + (("dz",) if has_z else ()) + (
+        "db", "dc", "da", "dskip_out", "dbias_out", "dh0", "hbuf")
     bld = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     part = jax.ShapeDtypeStruct((bsz, n_d, length, n), f32)
     bdn = jax.ShapeDtypeStruct((bsz, dp, n), f32)
@@ -262,8 +281,8 @@ def scan_bwd(u, delta, z, b, c, a, dskip, bias, hs, dy, dh_last, *, softplus, bl
         part, part, bdn, bd, bd, bdn, jax.ShapeDtypeStruct((bsz, chunk, dp, n), f32)]
     out_specs = [s["BLD"]] * (3 if has_z else 2) + [
         s["PART"], s["PART"], s["BDN"], s["BD"], s["BD"], s["BDN"], s["BUF"]]
-    kernel = functools.partial(_bwd_kernel, length=length, chunk=chunk, softplus=softplus,
-                               has_z=has_z, reverse=reverse, barrier=not interpret)
+    kernel = functools.partial(_bwd_kernel, names=names, length=length, chunk=chunk,
+                               softplus=softplus, reverse=reverse, barrier=not interpret)
     outs = pl.pallas_call(
         kernel,
         grid=(bsz, n_d),

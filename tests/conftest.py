@@ -1,5 +1,6 @@
 """Shared test helpers. Tests run on the CPU; multi-device tests set their own XLA_FLAGS
 in a subprocess (the device count is fixed when jax starts)."""
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,15 @@ _RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"jaxmix-test-compile-cache-{_RUN_ID}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def json_rows(args, env_extra, timeout=900):
+    """Runs `python *args` with `env_extra` added to the environment; asserts it exits 0
+    and returns the JSON objects it printed, one per line starting with "{"."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          env=dict(os.environ, **env_extra), timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def devices_env(n):

@@ -42,6 +42,12 @@ def take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def all_windows(stream, window):
+    """[n_windows, window] int32: every window of a split's stream, in order."""
+    n = stream.n_tokens // window
+    return stream.read_rows(np.arange(n) * window, window).astype(np.int32)
+
+
 def test_shapes_dtypes_and_determinism(text_source):
     p1, p2 = data.build(make_config(text_source)), data.build(make_config(text_source))
     b1, b2 = take(p1.train_iter, 5), take(p2.train_iter, 5)
@@ -94,9 +100,9 @@ def test_single_file_is_split_by_bytes(tmp_path):
 def test_epoch_is_a_permutation_and_reshuffled(tmp_path):
     write_files(tmp_path, 6, 300)
     pipe = data.build(make_config(f"text:{tmp_path}/*/*.txt"))
-    windows = {w.tobytes(): i for i, w in enumerate(pipe.train_windows_NW.astype(np.int32))}
+    windows = {w.tobytes(): i for i, w in enumerate(all_windows(pipe.text.train, pipe.window))}
     n = len(windows)
-    assert n == len(pipe.train_windows_NW) >= 8
+    assert n == pipe.n_train_windows >= 8
     rows = np.concatenate(take(pipe.train_iter, 2 * n // 4 + 1))
     order = [windows[r.tobytes()] for r in rows]
     assert sorted(order[:n]) == list(range(n))
@@ -108,7 +114,7 @@ def test_no_shuffle_is_in_order(text_source):
     config = make_config(text_source)
     config.data.shuffle = False
     pipe = data.build(config)
-    np.testing.assert_array_equal(next(pipe.train_iter), pipe.train_windows_NW[:4])
+    np.testing.assert_array_equal(next(pipe.train_iter), all_windows(pipe.text.train, 33)[:4])
 
 
 def test_resume_from_state(text_source):
@@ -157,7 +163,7 @@ def test_val_batches_wrap_around(tmp_path):
     write_files(tmp_path, 1, 2000)  # val = 200 bytes = 6 windows of 33
     pipe = data.build(make_config(f"text:{tmp_path}/*/*.txt", eval_batches=5))
     val = pipe.val_batches()
-    assert len(val) == 5 and len(pipe.val_windows_NW) == 6
+    assert len(val) == 5 and len(pipe.val_windows()) == 6
     flat = np.concatenate(val)
     np.testing.assert_array_equal(flat[:6], flat[6:12])
 
@@ -220,7 +226,7 @@ def test_val_batches_span_the_whole_validation_split(tmp_path):
     config = make_config(f"text:{tmp_path / 'corpus'}/**/*.txt", eval_batches=2)
     config.data.val_fraction = 0.3
     pipe = data.build(config)
-    windows = {w.tobytes(): i for i, w in enumerate(np.asarray(pipe.val_windows_NW, np.int32))}
+    windows = {w.tobytes(): i for i, w in enumerate(all_windows(pipe.text.val, 33))}
     picked = [windows[row.tobytes()] for b in pipe.val_batches() for row in b]
     n_val, n_pick = len(windows), len(picked)
     assert n_val > 4 * n_pick

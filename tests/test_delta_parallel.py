@@ -4,13 +4,11 @@ state composed across devices (and passed device to device), with resets inside
 shards and exactly at shard starts."""
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import ROOT, devices_env
+from conftest import ROOT, devices_env, json_rows
 
 ENV = devices_env(8)
 RTOL = 1e-4
@@ -23,11 +21,7 @@ CASES = [dict(mesh=[1, 1, 1, 8], init=True, segments=True),
 
 def test_sequence_parallel_delta_rule_matches_one_device():
     script = os.path.join(ROOT, "tests", "workers", "delta_parallel_cases.py")
-    proc = subprocess.run([sys.executable, script, json.dumps({"cases": CASES})],
-                          capture_output=True, text=True, env=dict(os.environ, **ENV),
-                          timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = json_rows([script, json.dumps({"cases": CASES})], ENV)
     assert len(rows) == len(CASES)
     for row in rows:
         errors = {k: v for k, v in row.items() if k in ("o", "state") or k.startswith("d_")}

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.py")
 
@@ -27,6 +29,9 @@ def positive(row, *fields):
         assert isinstance(row[f], (int, float)) and math.isfinite(row[f]) and row[f] > 0, (f, row)
 
 
+# The script as a whole runs with -m exhaustive (about 30 s on 2 cores); every kernel it
+# times is checked against its reference in the default run by its own test file.
+@pytest.mark.exhaustive
 def test_device_check_on_cpu():
     proc = run([SCRIPT])
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,4 +1,5 @@
-"""The Gated DeltaNet mixer: shapes, segment resets, cached decoding, bad input."""
+"""The Gated DeltaNet mixer: shapes, segment resets, cached decoding, bad input; packed
+documents in it and in Mixture-of-Memories (the short convs too)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from conftest import assert_decode_matches_forward
 from jaxmix import models
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.gdn import GatedDeltaNet
+from jaxmix.mixers.mom import MoM
 
 B, L, D = 2, 13, 32
 
@@ -42,13 +44,32 @@ def test_lm_with_gdn_layers_and_a_segment_reset_in_the_state():
     params = init(model, tokens)
     logits, aux = jax.jit(model.apply)({"params": params}, tokens)
     assert logits.shape == (1, 16, 64) and aux == {}
-    m = GatedDeltaNet(mixer_cfg(d_conv=1))  # no conv: the state alone carries the past
+    m = GatedDeltaNet(mixer_cfg())  # the short convs (d_conv = 4) stop there too
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 12, D))
     p = init(m, x)
     seg = jnp.asarray([[0] * 5 + [1] * 7])
     apply = jax.jit(lambda p, x, seg: m.apply({"params": p}, x, segment_ids=seg)[0])
     packed, alone = apply(p, x, seg), apply(p, x[:, 5:], None)
     np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5, rtol=0)
+
+
+def test_mom_packed_documents_equal_documents_alone():
+    """Mixture-of-Memories: segment ids keep the short convs (d_conv = 4) and the state
+    of every compacted per-memory stream inside each of three packed documents: each
+    gets the outputs it gets alone."""
+    m = MoM(ml_collections.FrozenConfigDict(dict(MoM.DEFAULTS, **mixer_cfg(), n_memories=2,
+                                                 top_k=1)))
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, 18, D))
+    seg = np.repeat(np.arange(3, dtype=np.int32), 6)[None]
+
+    @jax.jit
+    def run(x):                      # init and both calls in one program: one compile
+        p = m.init(jax.random.PRNGKey(0), x)["params"]
+        packed = m.apply({"params": p}, x, segment_ids=seg)[0]
+        return packed, m.apply({"params": p}, x.reshape(3, 6, D))[0].reshape(1, 18, D)
+
+    packed, alone = run(x)
+    np.testing.assert_allclose(packed, alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fields, needle", [

@@ -43,7 +43,10 @@ def tokens(n, seed=0, vocab=256):
     return jax.random.randint(jax.random.PRNGKey(seed), (BATCH, n), 0, vocab, jnp.int32)
 
 
-@pytest.mark.parametrize("family", ["mamba", "attention", "hybrid"])
+# The hybrid's decoding (both cache kinds in one model) is checked by default in
+# test_greedy_is_argmax_of_forward[hybrid]; here it runs with -m exhaustive.
+@pytest.mark.parametrize("family", ["mamba", "attention",
+                                    pytest.param("hybrid", marks=pytest.mark.exhaustive)])
 def test_decode_matches_forward(family):
     _, lm, params = built(family)
     seq = tokens(TOTAL)

@@ -1,4 +1,5 @@
-"""The Mamba mixer and the LM backbone: shapes, causality, reference init."""
+"""The Mamba mixer and the LM backbone: shapes, causality, reference init, packed
+documents in the bidirectional variants."""
 import math
 
 import chex
@@ -11,7 +12,9 @@ import pytest
 
 from jaxmix import models
 from jaxmix.errors import ConfigError
+from jaxmix.mixers.bimamba import BiMamba
 from jaxmix.mixers.mamba import Mamba
+from jaxmix.mixers.mambamixer import MambaMixer
 
 
 def mixer_cfg(**kw):
@@ -76,6 +79,27 @@ def test_in_proj_init_matches_torch_linear():
     want = 1 / math.sqrt(3 * d_model)
     assert abs(w.std() / want - 1) < 0.05, (w.std(), want)
     assert np.abs(w).max() <= 1 / math.sqrt(d_model)
+
+
+@pytest.mark.parametrize("cls", [BiMamba, MambaMixer])
+def test_bidirectional_mixers_keep_packed_documents_apart(cls):
+    """Both directions (the reverse conv and scan too) stop at segment boundaries: each
+    of three packed documents gets the outputs it gets alone (the LM-level test,
+    tests/test_packing.py, runs the causal mixers)."""
+    cfg = ml_collections.FrozenConfigDict(dict(cls.DEFAULTS, **mixer_cfg()))
+    m = cls(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, 21, 16))
+    params = nn.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), x)["params"])
+    seg = np.repeat(np.arange(3, dtype=np.int32), 7)[None]
+
+    @jax.jit
+    def run(params, x):
+        packed = m.apply({"params": params}, x, segment_ids=seg)[0]
+        alone = m.apply({"params": params}, x.reshape(3, 7, 16))[0]
+        return packed, alone.reshape(1, 21, 16)
+
+    packed, alone = run(params, x)
+    np.testing.assert_allclose(packed, alone, atol=1e-5, rtol=0)
 
 
 def lm_config(**kw):

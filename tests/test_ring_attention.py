@@ -9,14 +9,12 @@ shares no code with jaxmix's masks.
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, devices_env
+from conftest import ROOT, devices_env, json_rows
 
 ENV = devices_env(8)
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
@@ -58,11 +56,8 @@ def full_product():
 
 
 def worker(arg, timeout=1800):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "ring_cases.py"),
-                           arg], capture_output=True, text=True, env=dict(os.environ, **ENV),
-                          timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json_rows([os.path.join(ROOT, "tests", "workers", "ring_cases.py"), arg], ENV,
+                     timeout)
 
 
 def assert_rows_exact(rows, cases):

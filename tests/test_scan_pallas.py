@@ -15,15 +15,16 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxmix import ops
 from jaxmix.ops.scan_pallas import selective_scan_pallas, tiles
 from jaxmix.ops.selective_scan import selective_scan_reference
-from test_selective_scan import (ALL, BARE, assert_close, fwd_bwd_temp_vs_BLDN, make_inputs,
-                                 outputs_and_grads, rel_err)
+from test_selective_scan import (ALL, BARE, SEGMENT_STARTS, assert_close, fwd_bwd_temp_vs_BLDN,
+                                 make_inputs, outputs_and_grads, rel_err, segment_ids_of)
 
 # (shape, inputs used, extra options); the last one reverse=True over two time tiles
 # of 128, the 126 padded steps (which the reverse scan meets first) in the second, in
 # the generic Pallas interpreter (the TPU one takes twice as long for its 256 steps).
 FAST = [((2, 37, 16, 4), ALL, {}), ((1, 1, 130, 16), ALL, {}),
         ((1, 300, 256, 4), BARE | {"z"}, {}),
-        ((2, 150, 16, 16), BARE | {"initial_state", "delta_bias"}, {}),
+        pytest.param((2, 150, 16, 16), BARE | {"initial_state", "delta_bias"}, {},
+                     marks=pytest.mark.exhaustive),  # the first case uses both by default
         ((1, 130, 16, 4), ALL, dict(reverse=True, interpret=True))]
 GRID = list(itertools.product((1, 2), (1, 37, 300, 2048), (16, 130, 256), (4, 16)))
 
@@ -38,6 +39,20 @@ def check(shape, use=ALL, reverse=False, **kw):
 @pytest.mark.parametrize("shape, use, kw", FAST)
 def test_pallas_interpret_matches_reference(shape, use, kw):
     check(shape, use, **kw)
+
+
+def test_pallas_segments_match_reference():
+    """Packed documents: the kernels' keep mask resets the state at the same steps as
+    the reference (one-step segments, one at the last step, ragged padding after it;
+    the generic Pallas interpreter, twice as fast as the TPU one). Forward only: the op
+    aligns the mask with the scan's direction (checked both ways in
+    test_selective_scan) and the kernels read it at the row they advance, whichever
+    way they walk; the GPU kernel's test runs the reverse scan."""
+    x = make_inputs(2, 37, 16, 4, seed=7)
+    seg = segment_ids_of(37, *SEGMENT_STARTS)
+    want = outputs_and_grads(selective_scan_reference, x, ALL, segment_ids=seg)
+    got = outputs_and_grads(selective_scan_pallas, x, ALL, segment_ids=seg, interpret=True)
+    assert_close(got, want)
 
 
 def test_pallas_race_free_on_two_cores():
@@ -92,12 +107,14 @@ def test_pallas_bf16_error_within_twice_reference():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_lowers_for_tpu(dtype):
     """The forward and backward kernels lower to Mosaic (TPU) without a TPU:
-    jax.export runs the Pallas -> Mosaic lowering for platform "tpu"."""
+    jax.export runs the Pallas -> Mosaic lowering for platform "tpu" (in bf16 with
+    segment ids: the keep mask's input too)."""
     x = make_inputs(2, 300, 130, 16, dtype=dtype)
+    seg = segment_ids_of(300, [100], [128, 200]) if dtype == jnp.bfloat16 else None
 
     def loss(a):
         y, h = selective_scan_pallas(**a, delta_softplus=True, return_last_state=True,
-                                     interpret=False)
+                                     interpret=False, segment_ids=seg)
         return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h)
 
     exported = jax.export.export(jax.jit(jax.value_and_grad(loss)), platforms=["tpu"])(x)

@@ -16,8 +16,8 @@ import pytest
 from jaxmix.ops.scan_pallas_gpu import default_interpret, selective_scan_pallas_gpu, tiles
 from jaxmix.ops.selective_scan import selective_scan_reference
 from kernels_pallas import selective_scan_gpu as kernel
-from test_selective_scan import (ALL, BARE, assert_close, fwd_bwd_temp_vs_BLDN, make_inputs,
-                                 outputs_and_grads, rel_err)
+from test_selective_scan import (ALL, BARE, SEGMENT_STARTS, assert_close, fwd_bwd_temp_vs_BLDN,
+                                 make_inputs, outputs_and_grads, rel_err, segment_ids_of)
 
 GRID = list(itertools.product((1, 2), (1, 17, 256, 1000), (16, 130), (4, 16)))
 # (shape, inputs used, extra options); together every B, L, D and N of GRID, with and
@@ -48,6 +48,19 @@ def check(shape, use=ALL, softplus=True, reverse=False, **kw):
 @pytest.mark.parametrize("shape, use, kw", FAST)
 def test_gpu_kernel_interpret_matches_reference(shape, use, kw):
     check(shape, use, **kw)
+
+
+def test_gpu_kernel_segments_match_reference():
+    """Packed documents, reverse=True over chunks of 8 (segment starts at chunk edges,
+    one-step segments, one at the step the reverse scan meets first): the kernels'
+    keep mask resets the state at the same steps as the reference. The forward
+    direction runs in test_scan_pallas (the TPU kernel) and test_selective_scan."""
+    x = make_inputs(2, 37, 20, 4, seed=7)
+    seg = segment_ids_of(37, *SEGMENT_STARTS)
+    want = outputs_and_grads(selective_scan_reference, x, ALL, reverse=True, segment_ids=seg)
+    got = outputs_and_grads(selective_scan_pallas_gpu, x, ALL, interpret=True, chunk=8,
+                            reverse=True, segment_ids=seg)
+    assert_close(got, want)
 
 
 def test_gpu_tiles_and_errors():
@@ -89,14 +102,16 @@ def test_gpu_kernel_bf16_error_within_twice_reference():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_kernels_lower_for_triton(dtype):
     """The forward and backward kernels lower to Triton without a GPU: jax.export for
-    platform "cuda" runs the Pallas -> Triton lowering (ragged L, padded D and N);
-    only the custom call's platform check is disabled."""
+    platform "cuda" runs the Pallas -> Triton lowering (ragged L, padded D and N; in
+    bf16 with segment ids, the keep mask's input too); only the custom call's platform
+    check is disabled."""
     x = make_inputs(2, 300, 130, 4, dtype=dtype)
+    seg = segment_ids_of(300, [100], [128, 200]) if dtype == jnp.bfloat16 else None
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
     def forward(a):
         return selective_scan_pallas_gpu(**a, delta_softplus=True, return_last_state=True,
-                                         interpret=False)
+                                         interpret=False, segment_ids=seg)
 
     def loss(a):
         y, h = forward(a)

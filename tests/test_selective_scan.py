@@ -4,7 +4,9 @@ Errors are max |impl - reference| over an array divided by max |reference| of th
 array (so "1e-5" means 1e-5 of the array's own scale); forward (y and the last
 state) must agree within 1e-5 and every gradient within 1e-4 in fp32. reverse=True is
 checked against the forward reference run on inputs flipped along time (`flipped`),
-then every implementation's reverse scan against the reference's.
+then every implementation's reverse scan against the reference's. Segment ids (packed
+documents) are checked against the scan run separately on every segment
+(`per_segment`), and the kernels' against the reference with the same ids.
 """
 import jax
 import jax.numpy as jnp
@@ -64,6 +66,57 @@ def flipped(scan):
         y, h = scan(**{k: jnp.flip(v, 1) if k in TIME_INDEXED else v for k, v in a.items()})
         return jnp.flip(y, 1), h
     return reverse_scan
+
+
+def segment_ids_of(length, *row_starts):
+    """[B, L] int32 segment ids, one row per list of segment starts (ids from 3 up)."""
+    seg = np.full((len(row_starts), length), 3, np.int32)
+    for b, starts in enumerate(row_starts):
+        for t in starts:
+            seg[b, t:] += 1
+    return jnp.asarray(seg)
+
+
+def segments(row):
+    """[(start, end)] of the runs of equal ids in one row."""
+    cuts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def per_segment(scan, seg_BL):
+    """The packed-document semantics built from `scan` without ids: every segment of
+    every row is a sequence of its own, the initial state entering the first segment
+    in the scan's direction, the last state the one after the last segment scanned.
+    One call of `scan` on the batch of all segments, each padded to the longest: the
+    padding is scanned before the segment (u = 0: its zero state stays zero), except
+    for the first segment, which starts from the initial state and has it after."""
+    seg = np.asarray(seg_BL)
+    length = seg.shape[1]
+    spans = [(b, lo, hi) for b, row in enumerate(seg) for lo, hi in segments(row)]
+    width = max(hi - lo for _, lo, hi in spans)
+
+    def run(reverse=False, **a):
+        first = [(hi == length) if reverse else (lo == 0) for _, lo, hi in spans]
+        before = [f == reverse for f in first]          # padding before it in time
+        parts = {}
+        for name, v in a.items():
+            if name in TIME_INDEXED:
+                pads = [((0, 0), (width - hi + lo, 0) if bf else (0, width - hi + lo), (0, 0))
+                        for (_, lo, hi), bf in zip(spans, before)]
+                parts[name] = jnp.concatenate([jnp.pad(v[b:b + 1, lo:hi], p) for (b, lo, hi), p
+                                               in zip(spans, pads)])
+            elif name == "initial_state":
+                parts[name] = jnp.stack([v[b] if f else jnp.zeros_like(v[b])
+                                         for (b, _, _), f in zip(spans, first)])
+            else:
+                parts[name] = v
+        y, h = scan(**parts, reverse=reverse)
+        ys = [y[i:i + 1, width - hi + lo:] if bf else y[i:i + 1, :hi - lo]
+              for i, ((_, lo, hi), bf) in enumerate(zip(spans, before))]
+        last = [i for i, (_, lo, hi) in enumerate(spans)
+                if (lo == 0 if reverse else hi == length)]
+        return jnp.concatenate(ys, 1).reshape(seg.shape + y.shape[2:]), h[jnp.asarray(last)]
+    return run
 
 
 def assert_close(got, want, fwd_tol=1e-5, grad_tol=1e-4):
@@ -139,6 +192,27 @@ def test_return_last_state_false_and_dispatch():
         ops.selective_scan(**args, impl="cuda")
     with pytest.raises(ValueError, match="B has shape"):
         ops.selective_scan(**{**args, "B": args["B"][:, :5]}, impl="xla")
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        ops.selective_scan(**args, segment_ids=jnp.zeros((1, 5), jnp.int32), impl="xla")
+
+
+# Segment starts: at the chunk edges 8 and 16, a one-step segment at 8, one at the
+# last step (the reverse scan's first), and a second row with one boundary.
+SEGMENT_STARTS = ([8, 9, 30, 36], [16])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segments_equal_separate_scans(reverse):
+    """Packed documents: with segment ids the reference and the xla path (chunks of 8,
+    ragged) give every segment the outputs, last state and gradients of that segment
+    scanned alone, forward and reverse."""
+    x = make_inputs(2, 37, 16, 4, seed=7)
+    seg = segment_ids_of(37, *SEGMENT_STARTS)
+    want = outputs_and_grads(per_segment(selective_scan_reference, seg), x, ALL,
+                             reverse=reverse)
+    for fn, kw in ((selective_scan_reference, {}), (selective_scan_xla, dict(chunk=8))):
+        got = outputs_and_grads(fn, x, ALL, reverse=reverse, segment_ids=seg, **kw)
+        assert_close(got, want)
 
 
 def test_xla_bf16_error_within_twice_reference():

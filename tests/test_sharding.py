@@ -4,21 +4,19 @@ import os
 import socket
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
-from conftest import ROOT, devices_env, run_train
+from conftest import ROOT, devices_env, json_rows, run_train
+from jaxmix.data.prepare import main as prepare_main
 
 EIGHT, FOUR = devices_env(8), devices_env(4)
 MESHES = [[8, 1, 1], [2, 4, 1], [2, 2, 2], [1, 2, 4]]
 
 
 def worker(name, arg, env=EIGHT, timeout=900):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", name), arg],
-                          capture_output=True, text=True, env=dict(os.environ, **env),
-                          timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json_rows([os.path.join(ROOT, "tests", "workers", name), arg], env, timeout)
 
 
 def assert_close(got, want, rtol=1e-5):
@@ -34,12 +32,14 @@ CONFIGS = {
 }
 
 
-# The default run covers FSDP with data and with tensor parallelism for the transformer;
-# the Mamba LM runs under FSDP in the two-process test (its resume on fsdp=8) and under
-# (data, fsdp, tensor) = (2, 2, 2) in test_kernel_sharding. Pure data parallelism,
-# (2, 2, 2) and the Mamba LM's FSDP meshes run in the exhaustive grid.
+# The default run covers FSDP with data and tensor parallelism in test_kernel_sharding:
+# (data, fsdp, tensor) = (2, 2, 2) for the transformer_lm smoke config with Mamba and
+# attention layers; the Mamba LM also runs under FSDP in the two-process test (its
+# resume on fsdp=8). These grids (pure data parallelism, (2, 4, 1), (1, 2, 4), (2, 2, 2)
+# for both LMs) run with -m exhaustive.
 EXHAUSTIVE = pytest.mark.exhaustive
-MESH_SETS = [pytest.param("transformer_lm", MESHES[1::2], id="transformer_lm-fsdp"),
+MESH_SETS = [pytest.param("transformer_lm", MESHES[1::2], id="transformer_lm-fsdp",
+                          marks=EXHAUSTIVE),
              pytest.param("mamba_lm", MESHES[1::2], id="mamba_lm-fsdp", marks=EXHAUSTIVE)] + [
     pytest.param(family, MESHES[0::2], id=f"{family}-data-tensor", marks=EXHAUSTIVE)
     for family in sorted(CONFIGS)]
@@ -102,14 +102,14 @@ def losses(workdir, key="loss"):
 SMOKE8 = ["--config", "configs/mamba_lm.py:smoke", "--config.train.batch_size=8"]
 
 
-def two_process_runs_match(tmp_path, extra):
+def two_process_runs_match(tmp_path, extra, data_args=()):
     """2 processes x 4 devices (train.py with `extra` flags) against 1 process x 8 for
-    20 steps: the losses and validation losses of the first 10 steps match. Returns
-    (the 2-process workdir, the reference's losses)."""
+    20 steps, both on the data of `data_args`: the losses and validation losses of the
+    first 10 steps match. Returns (the 2-process workdir, the reference's losses)."""
     two, one = tmp_path / "two", tmp_path / "one"
-    for rc, err in run_two_processes(SMOKE8 + extra, two):
+    for rc, err in run_two_processes(SMOKE8 + list(data_args) + extra, two):
         assert rc == 0, err[-3000:]
-    ref = run_train(SMOKE8 + ["--config.train.steps=20"], one, EIGHT)
+    ref = run_train(SMOKE8 + list(data_args) + ["--config.train.steps=20"], one, EIGHT)
     assert ref.returncode == 0, ref.stderr[-3000:]
     want, want_val = losses(one), losses(one, "val_loss")
     got, got_val = losses(two), losses(two, "val_loss")
@@ -122,13 +122,20 @@ def two_process_runs_match(tmp_path, extra):
 @pytest.mark.slow
 def test_two_process_run_matches_and_restores_under_another_mesh(tmp_path):
     """Data parallel across 2 processes matches 1 process; then the data-parallel
-    checkpoint resumes in 1 process under FSDP."""
-    two, want = two_process_runs_match(tmp_path, [])
+    checkpoint resumes in 1 process under FSDP. The data is a prepared ArrayRecord corpus
+    packed with document segments: its iterator resumes across the process-count
+    change."""
+    corpus = tmp_path / "corpus"
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert prepare_main(["--input", f"{stdlib}/json/*.py", "--input", f"{stdlib}/email/*.py",
+                         "--tokenizer", "bytes", "--out", str(corpus), "--workers", "1"]) == 0
+    data_args = [f"--config.data.source=arrayrecord:{corpus}", "--config.data.packing=segments"]
+    two, want = two_process_runs_match(tmp_path, [], data_args)
     # The 2-process checkpoint (step 10, mesh data=8) continues in 1 process on fsdp=8.
     cont = tmp_path / "one20"
     os.rename(two, cont)
-    resumed = run_train(SMOKE8 + ["--config.train.steps=20", "--config.mesh.data=1",
-                                  "--config.mesh.fsdp=8"], cont, EIGHT)
+    resumed = run_train(SMOKE8 + data_args + ["--config.train.steps=20", "--config.mesh.data=1",
+                                              "--config.mesh.fsdp=8"], cont, EIGHT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 10" in resumed.stderr
     got = losses(cont)

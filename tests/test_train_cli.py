@@ -105,6 +105,10 @@ BAD_INPUTS = {
     "mesh_product": (["--config.mesh.data=3"], None, ["mesh", "devices"]),
     "bidirectional_in_lm": (["--config.model.mixer_pattern=('bimamba',)"], None,
                             ["model.mixers.bimamba", "bidirectional", "family='encoder'"]),
+    "tokenizer_folder_without_tokenizer": (["--config.data.tokenizer={dir}"], None,
+                                           ["data.tokenizer", "tokenizer.json"]),
+    "arrayrecord_folder_without_corpus": (["--config.data.source=arrayrecord:{dir}"], None,
+                                          ["data.source", "manifest.json", "prepare"]),
 }
 
 
@@ -113,8 +117,9 @@ def test_bad_input_is_one_line_error(case, tmp_path):
     args, env, needles = BAD_INPUTS[case]
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("print('hello')\n" * 20)
-    args = [a.replace("{tiny}", str(tiny)) for a in args]
+    args = [a.replace("{tiny}", str(tiny)).replace("{dir}", str(tmp_path)) for a in args]
     one_line_error(run_train(SMOKE + args, tmp_path / "run", env), *needles)
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 @pytest.mark.slow

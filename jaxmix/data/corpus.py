@@ -33,6 +33,10 @@ class Corpus:
     train_u8: np.ndarray  # [n_train_bytes] uint8
     val_u8: np.ndarray    # [n_val_bytes] uint8
     note: str = ""        # e.g. how a single file was split
+    # Document (file) starts in each stream, int64 [n_docs + 1] ending at its length;
+    # the separator after a file belongs to that file's document.
+    train_doc_starts: np.ndarray = None
+    val_doc_starts: np.ndarray = None
 
 
 def stdlib_files():
@@ -96,12 +100,21 @@ def split_files(rel_paths, val_fraction):
 
 
 def _read_concat(root, rel_paths):
-    """Read each file once and join with SEPARATOR into a uint8 array."""
-    chunks = []
+    """Read each file once and join with SEPARATOR: (uint8 array, document starts)."""
+    chunks = read_documents(root, rel_paths)
+    lengths = [len(c) + len(SEPARATOR) for c in chunks]
+    lengths[-1] -= len(SEPARATOR)
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.frombuffer(SEPARATOR.join(chunks), dtype=np.uint8), doc_starts
+
+
+def read_documents(root, rel_paths):
+    """The files' raw bytes, one per document, in order."""
+    out = []
     for rel in rel_paths:
         with open(os.path.join(root, rel), "rb") as f:
-            chunks.append(f.read())
-    return np.frombuffer(SEPARATOR.join(chunks), dtype=np.uint8)
+            out.append(f.read())
+    return out
 
 
 def load_corpus(source, val_fraction):
@@ -112,12 +125,17 @@ def load_corpus(source, val_fraction):
     root, paths = find_files(source)
     rel_paths = [os.path.relpath(p, root) for p in paths]
     if len(rel_paths) == 1:
-        stream_u8 = _read_concat(root, rel_paths)
+        stream_u8, _ = _read_concat(root, rel_paths)
         cut = int(len(stream_u8) * SINGLE_FILE_TRAIN_FRACTION)
         return Corpus(source=source, root=root, train_files=tuple(rel_paths),
                       val_files=tuple(rel_paths), train_u8=stream_u8[:cut],
                       val_u8=stream_u8[cut:],
-                      note="single file: bytes split 90% train / 10% val")
+                      note="single file: bytes split 90% train / 10% val",
+                      train_doc_starts=np.array([0, cut], np.int64),
+                      val_doc_starts=np.array([0, len(stream_u8) - cut], np.int64))
     train, val = split_files(rel_paths, val_fraction)
+    train_u8, train_starts = _read_concat(root, train)
+    val_u8, val_starts = _read_concat(root, val)
     return Corpus(source=source, root=root, train_files=train, val_files=val,
-                  train_u8=_read_concat(root, train), val_u8=_read_concat(root, val))
+                  train_u8=train_u8, val_u8=val_u8, train_doc_starts=train_starts,
+                  val_doc_starts=val_starts)

@@ -1,8 +1,10 @@
-"""Grain pipelines: packed byte streams, or synthetic task examples; train iterator
-and validation batches.
+"""Grain pipelines: windows of a text source's token stream (`jaxmix.data.text`: bytes
+or a tokenizer, in memory or streamed from prepared ArrayRecord shards), or synthetic
+task examples; train iterator and validation batches.
 
 Each split's token stream is cut into non-overlapping windows of
-`seq_len + 1` tokens (inputs plus the shifted target). Training walks a
+`seq_len + 1` tokens (inputs plus the shifted target), with document segments when
+`data.packing = "segments"` (see `jaxmix.data.packing`). Training walks a
 grain `MapDataset` of window indices, shuffled with `train.seed` and
 reshuffled every epoch, batched to the GLOBAL batch size (batches may span an
 epoch boundary, so every window is seen once per epoch), and each process
@@ -21,8 +23,8 @@ process count changed between save and restore.
 import grain
 import numpy as np
 
-from jaxmix.data import synthetic
-from jaxmix.data.corpus import load_corpus
+from jaxmix.data import packing, synthetic
+from jaxmix.data.text import load_text
 from jaxmix.errors import ConfigError
 
 # Background prefetch of the train iterator: one thread, a few batches ahead.
@@ -30,23 +32,18 @@ PREFETCH_THREADS = 1
 PREFETCH_BATCHES = 4
 
 
-def windows_view(stream_u8, window):
-    """[n_windows, window] view of a flat uint8 stream (tail dropped, no copy)."""
-    n_windows = len(stream_u8) // window
-    return stream_u8[:n_windows * window].reshape(n_windows, window)
-
-
 class _GatherRows:
-    """Map fn: global batch of window indices [B] -> this process's tokens [b, L+1]."""
+    """Map fn: global batch of window indices [B] -> this process's rows [b, L+1]
+    (a dict with segment ids, positions and loss mask when packing segments)."""
 
-    def __init__(self, windows_NW, row_start, row_stop):
-        self.windows_NW = windows_NW
-        self.row_start = row_start
-        self.row_stop = row_stop
+    def __init__(self, stream, window, row_start, row_stop, segments):
+        self.stream, self.window, self.segments = stream, window, segments
+        self.row_start, self.row_stop = row_start, row_stop
 
     def __call__(self, idx_B):
-        idx_b = np.asarray(idx_B)[self.row_start:self.row_stop]
-        return self.windows_NW[idx_b].astype(np.int32)
+        idx_b = np.asarray(idx_B, np.int64)[self.row_start:self.row_stop]
+        return packing.window_rows(self.stream, idx_b * self.window, self.window,
+                                   self.segments)
 
     def __repr__(self):
         return f"_GatherRows(rows=[{self.row_start}, {self.row_stop}))"
@@ -85,21 +82,26 @@ class StepPipeline:
 
 
 class Pipeline(StepPipeline):
-    """The data a training run consumes; built by `build(config, ...)`.
+    """The data a training run consumes from a text source; built by `build(config, ...)`.
 
     Attributes:
-      train_iter: grain `DatasetIterator` yielding int32 [local_batch, seq_len+1]
-        forever; checkpointable with get_state()/set_state() and
+      train_iter: grain `DatasetIterator` yielding this process's rows of every global
+        batch forever: int32 [local_batch, seq_len+1], or with segments a dict of
+        tokens, segment_ids, positions [local_batch, seq_len+1] and loss_mask
+        [local_batch, seq_len]; checkpointable with get_state()/set_state() and
         `grain.checkpoint.CheckpointSave/CheckpointRestore`.
-      local_batch, global_batch, seq_len, process_index, process_count, corpus.
-      is_text: True (byte text: validation is reported in bits per byte).
+      local_batch, global_batch, seq_len, process_index, process_count.
+      text: the `jaxmix.data.text.TextData` (streams, tokenizer); corpus: its in-memory
+        Corpus or None.
+      is_text: True (validation is reported in bits per byte), bytes_per_token.
     """
     is_text = True
 
-    def __init__(self, corpus, *, seq_len, global_batch, eval_batches, seed,
-                 shuffle, process_index, process_count):
-        self.corpus = corpus
-        self.seq_len = seq_len
+    def __init__(self, text, *, seq_len, global_batch, eval_batches, seed, shuffle,
+                 process_index, process_count, segments=False):
+        self.text, self.corpus, self.tokenizer = text, text.corpus, text.tokenizer
+        self.bytes_per_token = text.bytes_per_token
+        self.seq_len, self.window, self.segments = seq_len, seq_len + 1, segments
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
         self.eval_batches = eval_batches
@@ -107,8 +109,7 @@ class Pipeline(StepPipeline):
         self.shuffle = shuffle
         self.process_index = process_index
         self.process_count = process_count
-        self.train_windows_NW = windows_view(corpus.train_u8, seq_len + 1)
-        self.val_windows_NW = windows_view(corpus.val_u8, seq_len + 1)
+        self.n_train_windows = text.train.n_tokens // self.window
         self._row_start = process_index * self.local_batch
         self._row_stop = self._row_start + self.local_batch
         self._val_cache = None
@@ -117,46 +118,61 @@ class Pipeline(StepPipeline):
 
     def _train_dataset(self):
         """Infinite MapDataset of this process's train batches, indexed by step."""
-        ds = grain.MapDataset.range(len(self.train_windows_NW))
+        ds = grain.MapDataset.range(self.n_train_windows)
         if self.shuffle:
             # ShuffleMapDataset folds the epoch into the seed: reshuffled per epoch.
             ds = ds.shuffle(seed=self.seed % 2**32)
         ds = ds.repeat()  # infinite; batches below may span an epoch boundary
         ds = ds.batch(self.global_batch, drop_remainder=True)
-        return ds.map(_GatherRows(self.train_windows_NW, self._row_start, self._row_stop))
+        return ds.map(_GatherRows(self.text.train, self.window, self._row_start,
+                                  self._row_stop, self.segments))
+
+    def val_windows(self):
+        """Validation windows: stream offsets (concat), or per-document windows."""
+        if self.segments:
+            return packing.val_windows(self.text.val.doc_starts, self.window)
+        return np.arange(self.text.val.n_tokens // self.window) * self.window
 
     def val_batches(self):
-        """`eval_batches` int32 arrays [local_batch, seq_len+1], same every call.
+        """`eval_batches` batches [local_batch, seq_len+1], the same every call.
 
         The eval_batches * B windows are spread evenly over the whole validation
-        stream (not its first files), wrapping only when there are fewer windows than
+        split (not its first files), wrapping only when there are fewer windows than
         that; row r of batch k takes window pick[k*B + r]; rows are sharded by process.
+        With segments the windows hold whole documents (see `packing.val_windows`).
         """
         if self._val_cache is None:
-            n_val = len(self.val_windows_NW)
-            n_pick = self.eval_batches * self.global_batch
+            windows = self.val_windows()
+            n_val, n_pick = len(windows), self.eval_batches * self.global_batch
             pick = (np.arange(n_pick) * max(n_val // n_pick, 1)) % n_val
             rows_b = np.arange(self._row_start, self._row_stop)
             batches = []
             for k in range(self.eval_batches):
                 idx_b = pick[k * self.global_batch + rows_b]
-                batch = self.val_windows_NW[idx_b].astype(np.int32)
-                batch.flags.writeable = False
+                if self.segments:
+                    batch = packing.piece_rows(self.text.val, [windows[i] for i in idx_b],
+                                               self.window)
+                else:
+                    batch = packing.window_rows(self.text.val, windows[idx_b], self.window,
+                                                False)
+                for leaf in _leaves(batch):
+                    leaf.flags.writeable = False
                 batches.append(batch)
             self._val_cache = batches
         return list(self._val_cache)
 
     def describe(self):
-        """One line for the log: files, bytes and windows of each split."""
-        c, window = self.corpus, self.seq_len + 1
-        n_files = len(set(c.train_files) | set(c.val_files))
-        line = (f"data {c.source} ({c.root}): {n_files} files; "
-                f"train {len(c.train_files)} files {len(c.train_u8):,} bytes "
-                f"{len(self.train_windows_NW):,} windows / "
-                f"val {len(c.val_files)} files {len(c.val_u8):,} bytes "
-                f"{len(self.val_windows_NW):,} windows; window {window} tokens, "
-                f"batch {self.global_batch} = {self.process_count} x {self.local_batch}")
-        return line + (f"; {c.note}" if c.note else "")
+        """One line for the log: the source, its splits and the windows."""
+        text = self.text
+        packing_note = "documents as segments" if self.segments else "documents concatenated"
+        return (f"data {text.source}: {text.summary}; tokenizer "
+                f"{text.tokenizer.describe()}; {self.n_train_windows:,} train windows of "
+                f"{self.window} tokens, {packing_note}; batch {self.global_batch} = "
+                f"{self.process_count} x {self.local_batch}")
+
+
+def _leaves(batch):
+    return list(batch.values()) if isinstance(batch, dict) else [batch]
 
 
 def _check_shapes(config, process_index, process_count):
@@ -177,22 +193,20 @@ def _check_shapes(config, process_index, process_count):
                           f"{process_count}")
 
 
-def _check_corpus(corpus, config):
-    batch_size, seq_len = config.train.batch_size, config.train.seq_len
-    window = seq_len + 1
-    n_train = len(corpus.train_u8) // window
-    n_val = len(corpus.val_u8) // window
+def _check_text(text, config):
+    batch_size, window = config.train.batch_size, config.train.seq_len + 1
+    n_train = text.train.n_tokens // window
     if n_train < batch_size:
         raise ConfigError(
-            f"train.seq_len/train.batch_size: the train split of "
-            f"{corpus.source!r} has {len(corpus.train_u8):,} bytes = {n_train} "
-            f"windows of {window} tokens, fewer than one batch of {batch_size}; "
-            f"lower train.seq_len or train.batch_size, or add data")
-    if n_val < 1:
+            f"train.seq_len/train.batch_size: the train split of {text.source!r} has "
+            f"{text.train.n_tokens:,} tokens = {n_train} windows of {window} tokens, "
+            f"fewer than one batch of {batch_size}; lower train.seq_len or "
+            f"train.batch_size, or add data")
+    if text.val.n_tokens < window and config.data.get("packing", "concat") == "concat":
         raise ConfigError(
-            f"train.seq_len: the validation split of {corpus.source!r} has "
-            f"{len(corpus.val_u8):,} bytes, less than one window of {window} "
-            f"tokens; lower train.seq_len, raise data.val_fraction, or add data")
+            f"train.seq_len: the validation split of {text.source!r} has "
+            f"{text.val.n_tokens:,} tokens, less than one window of {window} tokens; "
+            f"lower train.seq_len, raise data.val_fraction, or add data")
 
 
 class _MakeRows:
@@ -262,11 +276,16 @@ def build(config, process_index=0, process_count=1):
                         config.train.seq_len)
         return SyntheticPipeline(config, process_index=process_index,
                                  process_count=process_count)
-    corpus = load_corpus(config.data.source, float(config.data.val_fraction))
-    _check_corpus(corpus, config)
-    return Pipeline(corpus, seq_len=config.train.seq_len,
+    packing_mode = config.data.get("packing", "concat")
+    if packing_mode not in packing.PACKINGS:
+        raise ConfigError(f"data.packing={packing_mode!r}: use 'concat' (documents run "
+                          f"together) or 'segments' (each document its own segment)")
+    text = load_text(config)
+    _check_text(text, config)
+    return Pipeline(text, seq_len=config.train.seq_len,
                     global_batch=config.train.batch_size,
                     eval_batches=config.train.eval_batches,
                     seed=int(config.train.seed),
                     shuffle=bool(config.data.get("shuffle", True)),
-                    process_index=process_index, process_count=process_count)
+                    process_index=process_index, process_count=process_count,
+                    segments=packing_mode == "segments")

@@ -9,8 +9,9 @@ out = out_proj((y_fwd + y_bwd) / 2) (Vim's `if_divide_out`; `divide_out=False`
 sums them, as MambaMixer's channel mixer does). Initialisation as the
 Mamba block for both directions.
 
-Non-causal: every output position depends on every input position, so it serves the
-`encoder` family only and has no decode cache.
+Non-causal: every output position depends on every input position (of its own
+segment, with `segment_ids`: both directions stop at packed-document boundaries), so
+it serves the `encoder` family only and has no decode cache.
 """
 from typing import Any
 
@@ -28,12 +29,13 @@ class BiMamba(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
                  train=False):
-        del segment_ids, positions, cache, train  # each direction scans the whole input
+        del positions, cache, train
         if decode:
             raise ValueError("bimamba is bidirectional: it has no decoding")
         x_BLI, z_BLI = in_projection(self, x_BLD)
-        y_fwd, _, _ = selective_branch(self, x_BLI, z_BLI)
-        y_bwd, _, _ = selective_branch(self, x_BLI, z_BLI, suffix="_b", reverse=True)
+        y_fwd, _, _ = selective_branch(self, x_BLI, z_BLI, segment_ids=segment_ids)
+        y_bwd, _, _ = selective_branch(self, x_BLI, z_BLI, suffix="_b", reverse=True,
+                                       segment_ids=segment_ids)
         y_BLI = (y_fwd + y_bwd) * (0.5 if self.cfg.get("divide_out", True) else 1.0)
         return out_projection(self, y_BLI, x_BLD.shape[-1]), None, {}
 

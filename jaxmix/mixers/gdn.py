@@ -9,7 +9,7 @@ o_proj. d_k = head_dim (0: d_model // n_heads), d_v = d_k * expand_v.
 Initialisation: A ~ U(1, 16) (fla draws from (0, 16); 1 keeps log A finite), dt_bias
 as Mamba's (inverse softplus of dt ~ logU(1e-3, 1e-1)), projections as torch Linear,
 o_proj scaled by 1/sqrt(n_layers). Segment ids reset the state at document starts
-(the short convs, like Mamba's, run over the packed stream).
+and keep the short convs inside each document (packed documents never mix).
 
 Decoding: cache {"conv_q", "conv_k", "conv_v": the last d_conv - 1 inputs of each
 conv, "state": [B, H, d_k, d_v] fp32}; a prompt continues the state with the chunked
@@ -85,11 +85,13 @@ class GatedDeltaNet(nn.Module):
         return param_with_axes(self, f"{name}_conv", uniform_init(1 / math.sqrt(k)),
                                (k, width), (None, "mlp"))
 
-    def short_conv(self, name, x_BLC, cache, decode):
-        """(SiLU(causal depthwise conv of x), the conv's new window or None)."""
+    def short_conv(self, name, x_BLC, cache, decode, segment_ids=None):
+        """(SiLU(causal depthwise conv of x), the conv's new window or None); the conv
+        stays inside each segment of `segment_ids` (training only)."""
         w = self.conv_weight(name, x_BLC.shape[-1]).astype(x_BLC.dtype)
         if not decode:
-            return jax.nn.silu(parallel.sequence_parallel_causal_conv(x_BLC, w)), None
+            y = parallel.sequence_parallel_causal_conv(x_BLC, w, segment_ids=segment_ids)
+            return jax.nn.silu(y), None
         ctx = cache[f"conv_{name}"].astype(x_BLC.dtype)
         window = jnp.concatenate([ctx, x_BLC], axis=1)[:, x_BLC.shape[1]:]
         return jax.nn.silu(parallel.causal_conv(x_BLC, w, None, ctx)), window
@@ -132,7 +134,8 @@ class GatedDeltaNet(nn.Module):
         qkv = []
         for name, width in (("q", h * d_k), ("k", h * d_k), ("v", h * d_v)):
             y = constrain(proj(width, f"{name}_proj"), ("batch", "length", "mlp"))
-            y, window = self.short_conv(name, y, cache, decode)
+            y, window = self.short_conv(name, y, cache, decode,
+                                        None if decode else segment_ids)
             new_cache[f"conv_{name}"] = window
             qkv.append(y.reshape(bsz, length, h, -1))
         beta = jax.nn.sigmoid(proj(h, "b_proj", ("embed", None)).astype(jnp.float32))

@@ -3,6 +3,9 @@
 in_proj -> (x, z); x -> causal depthwise conv1d -> SiLU -> x_proj -> (dt, B, C);
 dt -> dt_proj; y = selective_scan(x, dt, -exp(A_log), B, C, D, z, dt_bias, softplus);
 out_proj(y). Weight names match the reference so checkpoints convert 1:1.
+Packed documents: `segment_ids` [B, L] stop the conv and the scan at document
+boundaries (a tap or state from another segment never reaches a token), so every
+document sees only its own tokens, as if run alone.
 
 Decoding: with `decode=True` the layer continues from `cache` (or from zeros):
 cache = {"conv": [B, d_conv - 1, d_inner] last inputs, "ssm": [B, d_inner, N]}.
@@ -62,12 +65,13 @@ class Mamba(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
                  train=False):
-        del segment_ids, positions, train  # the recurrence runs over the packed stream
+        del positions, train
         x_BLI, z_BLI = in_projection(self, x_BLD)
         if decode and cache is None:
             cache = self.init_cache(x_BLD.shape[0], 0, x_BLD.dtype)
-        y_BLI, conv_state, ssm_state = selective_branch(self, x_BLI, z_BLI,
-                                                        cache=cache if decode else None)
+        y_BLI, conv_state, ssm_state = selective_branch(
+            self, x_BLI, z_BLI, cache=cache if decode else None,
+            segment_ids=None if decode else segment_ids)
         y_BLD = out_projection(self, y_BLI, x_BLD.shape[-1])
         new_cache = {"conv": conv_state, "ssm": ssm_state} if decode else None
         return y_BLD, new_cache, {}
@@ -120,14 +124,16 @@ def out_projection(module, y_BLI, d_model, suffix=""):
     return y_BLD
 
 
-def selective_branch(module, x_BLI, z_BLI, *, suffix="", reverse=False, cache=None):
+def selective_branch(module, x_BLI, z_BLI, *, suffix="", reverse=False, cache=None,
+                     segment_ids=None):
     """One direction of the block: depthwise conv1d -> SiLU -> x_proj -> (dt, B, C) ->
     dt_proj -> selective scan gated by silu(z). Its parameters are named with `suffix`
     (the backward direction of a bidirectional block: "_b"). `reverse` runs the conv
     anti-causally and the scan from the last position to the first (flags of the ops,
     no flipped copies). With `cache` (decoding, forward only) the conv continues from
-    the cached inputs and the scan from the cached state. Returns (y [B, L, d_inner],
-    conv state or None, last SSM state)."""
+    the cached inputs and the scan from the cached state. `segment_ids` [B, L] (not
+    with a cache) keep the conv and the scan inside each packed document. Returns
+    (y [B, L, d_inner], conv state or None, last SSM state)."""
     cfg = module.cfg
     dtype = compute_dtype(cfg)
     d_inner, n = x_BLI.shape[-1], cfg.d_state
@@ -145,7 +151,8 @@ def selective_branch(module, x_BLI, z_BLI, *, suffix="", reverse=False, cache=No
         x_BLI = parallel.causal_conv(x_BLI, w_conv, b_conv, ctx_BKI)
     else:
         # Under a mesh with `sequence` > 1: the explicit halo exchange (one ppermute).
-        x_BLI = parallel.sequence_parallel_causal_conv(x_BLI, w_conv, b_conv, reverse=reverse)
+        x_BLI = parallel.sequence_parallel_causal_conv(x_BLI, w_conv, b_conv, reverse=reverse,
+                                                       segment_ids=segment_ids)
     x_BLI = jax.nn.silu(x_BLI)
 
     x_dbl = DenseGeneral(r + 2 * n, ("mlp", None), dtype=dtype, name="x_proj" + suffix)(x_BLI)
@@ -168,7 +175,7 @@ def selective_branch(module, x_BLI, z_BLI, *, suffix="", reverse=False, cache=No
         # a prefill continues one device's state.
         decode = cache is not None
         scan = ops.selective_scan if decode else parallel.sequence_parallel_selective_scan
-        extra = {} if decode else {"reverse": reverse}
+        extra = {} if decode else {"reverse": reverse, "segment_ids": segment_ids}
         y_BLI, ssm_state = scan(
             x_BLI, dt_BLI, -jnp.exp(A_log), B_BLN, C_BLN, D, z_BLI, delta_bias=dt_b,
             delta_softplus=True, initial_state=cache["ssm"] if decode else None,

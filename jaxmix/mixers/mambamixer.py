@@ -5,7 +5,8 @@ Token mixer (this module): the paper sums d unidirectional selective (S6) blocks
 over different orderings of the sequence; in 1-D the two orderings are forward and
 backward, so the output is Mamba_fwd(x) + Mamba_bwd(x), two Mamba blocks with their own
 in_proj/out_proj (the backward one's weights named with "_b") whose backward block
-runs its conv and scan in reverse (the ops' `reverse` flags).
+runs its conv and scan in reverse (the ops' `reverse` flags). Segment ids keep both
+directions inside each packed document.
 
 Channel mixer (`channel_mixer(cfg)`, which the encoder puts where a transformer has its
 MLP): the same selective machinery with the roles of tokens and channels exchanged.
@@ -16,7 +17,8 @@ then a forward and a backward scan over the channels, each with its own conv, x_
 dt_proj, A_log and D, summed (the paper's y = SSM(x_fwd) * gate + Flip(SSM(x_bwd)) *
 gate), then out_proj back to L: a `bimamba` block over the transpose with
 `divide_out=False`. `channel_inner` 0 means L, the paper's width; long inputs want a
-smaller one (its projections hold 3 x L x channel_inner weights).
+smaller one (its projections hold 3 x L x channel_inner weights). Its projections act
+along the token axis, so it takes no segment ids: it sees the whole window.
 
 The weighted averaging of all earlier layers' outputs lives in the encoder
 (`model.layer_average`), since it spans layers.
@@ -58,14 +60,15 @@ class MambaMixer(nn.Module):
     @nn.compact
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
                  train=False):
-        del segment_ids, positions, cache, train
+        del positions, cache, train
         if decode:
             raise ValueError("mambamixer is bidirectional: it has no decoding")
         d_model = x_BLD.shape[-1]
         y_BLD = 0.0
         for suffix, reverse in (("", False), ("_b", True)):
             x_BLI, z_BLI = in_projection(self, x_BLD, suffix)
-            y_BLI, _, _ = selective_branch(self, x_BLI, z_BLI, suffix=suffix, reverse=reverse)
+            y_BLI, _, _ = selective_branch(self, x_BLI, z_BLI, suffix=suffix, reverse=reverse,
+                                           segment_ids=segment_ids)
             y_BLD = y_BLD + out_projection(self, y_BLI, d_model, suffix)
         return y_BLD, None, {}
 

@@ -12,11 +12,12 @@ projections (kernels [M, D, ...]) and the shared memory its own `shared_*` ones.
 As in the official code, a memory sees only its own tokens, in order: each memory's
 tokens are gathered into a compacted sequence (stable order), run through the short
 convs and the delta rule there, and scattered back; the padding after them has beta = 0
-and no decay, so a memory is unchanged by the tokens not routed to it. All memories run
-as one batch of M x B compacted sequences (M times the work of one memory; the
-official kernels skip the padding). With mesh.sequence > 1 the compacted streams are
-split over the sequence devices like any sequence
-(`parallel.sequence_parallel_gated_delta_rule`).
+and no decay, so a memory is unchanged by the tokens not routed to it. With segment
+ids the compacted streams carry their tokens' ids: the convs and the delta rule stay
+inside each packed document. All memories run as one batch of M x B compacted
+sequences (M times the work of one memory; the official kernels skip the padding).
+With mesh.sequence > 1 the compacted streams are split over the sequence devices like
+any sequence (`parallel.sequence_parallel_gated_delta_rule`).
 
 Load balance (aux "load_balance_loss", times `aux_weight`): the Mixtral form
 E * sum_{k,e} f_{k,e} P_e per layer (f: fraction of tokens whose k-th choice is e, P:
@@ -73,11 +74,14 @@ def compact(mask_BL):
     return order, jnp.sum(mask_BL, axis=1)
 
 
-def conv_with_window(x_NLC, w_KC, ctx_NKC, count_N):
+def conv_with_window(x_NLC, w_KC, ctx_NKC, count_N, segment_ids=None):
     """SiLU(causal conv) of compacted sequences after their windows, and the new
-    windows: the last K-1 real inputs (old window entries when fewer came)."""
+    windows: the last K-1 real inputs (old window entries when fewer came). With
+    `segment_ids` [N, L] (training: the windows are zeros) the conv stays inside each
+    segment."""
     width = w_KC.shape[0]
-    y = jax.nn.silu(parallel.causal_conv(x_NLC, w_KC, None, ctx_NKC))
+    ctx = None if segment_ids is not None else ctx_NKC
+    y = jax.nn.silu(parallel.causal_conv(x_NLC, w_KC, None, ctx, segment_ids=segment_ids))
     both = jnp.concatenate([ctx_NKC.astype(x_NLC.dtype), x_NLC], axis=1)
     idx = count_N[:, None] + jnp.arange(width - 1)
     return y, jnp.take_along_axis(both, idx[..., None], axis=1)
@@ -105,16 +109,17 @@ class MoM(GatedDeltaNet):
         take = lambda x: jnp.take_along_axis(x, order_NL.reshape(
             (n, length) + (1,) * (x.ndim - 2)), axis=1)
         real = jnp.arange(length)[None] < count_N[:, None]              # [N, L]
+        seg = None if segment_ids is None else take(segment_ids)
         new = {}
         qkv = []
         for name in ("q", "k", "v"):
-            y, new[f"conv_{name}"] = conv_with_window(take(inputs[name]), weights[name],
-                                                     cache[f"conv_{name}"], count_N)
+            y, new[f"conv_{name}"] = conv_with_window(
+                take(inputs[name]), weights[name], cache[f"conv_{name}"], count_N,
+                None if decode else seg)
             qkv.append(y.reshape(n, length, h, -1))
         a, b = take(inputs["a"]), take(inputs["b"])
         g = jnp.where(real[..., None], log_decay(a, *weights["decay"]), 0.0)
         beta = jnp.where(real[..., None], jax.nn.sigmoid(b), 0.0)
-        seg = None if segment_ids is None else take(segment_ids)
         # Training: sequence-parallel over the mesh's `sequence` axis when it is > 1
         # (each compacted stream is a sequence like any other).
         delta_rule = ops.gated_delta_rule if decode else parallel.sequence_parallel_gated_delta_rule

@@ -10,6 +10,8 @@ state is [N, D] with channels on lanes. Off TPU the kernels run interpreted
 reverse=True (the scan from the last step to the first, see ops.selective_scan) is
 a flag of the kernels, which walk the time tiles and the steps inside them the other
 way; the padding stays at the end.
+Segment ids become the kernels' keep mask [B, 1, Lp] (time on lanes, as B and C; the
+padding keeps), which multiplies the decay; without ids the kernels get no mask.
 """
 import functools
 
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix.ops.per_device import tpu_kernel_interpret
+from jaxmix.ops.selective_scan import keep_mask
 from kernels_pallas import selective_scan as kernel
 
 LANES = 128
@@ -45,26 +48,30 @@ def make_core(kernel):
     """The custom_vjp over a scan kernel module's `scan_fwd` / `scan_bwd` (the TPU and
     GPU kernels share their signatures: the forward saves the chunk-start states, the
     backward returns per-channel-block partials of dB, dC (summed here over axis 1) and
-    per-batch partials of dA, dD, dbias (over axis 0))."""
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-    def core(u, delta, z, b, c, a, dskip, bias, h0, static):
-        y, h_last, _ = kernel.scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, **dict(static))
+    per-batch partials of dA, dD, dbias (over axis 0)). `keep` (the decay mask, or None)
+    is passed through to both kernels and gets no gradient."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+    def core(u, delta, z, b, c, a, dskip, bias, h0, keep, static):
+        y, h_last, _ = kernel.scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, keep,
+                                       **dict(static))
         return y, h_last
 
-    def core_fwd(u, delta, z, b, c, a, dskip, bias, h0, static):
-        y, h_last, hs = kernel.scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, **dict(static))
-        return (y, h_last), (u, delta, z, b, c, a, dskip, bias, hs, h0)
+    def core_fwd(u, delta, z, b, c, a, dskip, bias, h0, keep, static):
+        y, h_last, hs = kernel.scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, keep,
+                                        **dict(static))
+        return (y, h_last), (u, delta, z, b, c, a, dskip, bias, hs, h0, keep)
 
     def core_bwd(static, res, cts):
-        u, delta, z, b, c, a, dskip, bias, hs, h0 = res
+        u, delta, z, b, c, a, dskip, bias, hs, h0, keep = res
         dy, dh_last = cts
         du, ddl, dz, db, dc, da, dD, dbias, dh0 = kernel.scan_bwd(
-            u, delta, z, b, c, a, dskip, bias, hs, dy.astype(u.dtype), dh_last,
+            u, delta, z, b, c, a, dskip, bias, hs, dy.astype(u.dtype), dh_last, keep,
             **dict(static))
         cast = lambda g, like: None if like is None else g.astype(like.dtype)
         return (cast(du, u), cast(ddl, delta), cast(dz, z), cast(jnp.sum(db, 1), b),
                 cast(jnp.sum(dc, 1), c), cast(jnp.sum(da, 0), a),
-                cast(jnp.sum(dD, 0), dskip), cast(jnp.sum(dbias, 0), bias), cast(dh0, h0))
+                cast(jnp.sum(dD, 0), dskip), cast(jnp.sum(dbias, 0), bias), cast(dh0, h0),
+                None)
 
     core.defvjp(core_fwd, core_bwd)
     return core
@@ -75,7 +82,8 @@ _core = make_core(kernel)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, initial_state=None, return_last_state=False,
-                          reverse=False, interpret=None, block_l=None, block_d=None):
+                          reverse=False, segment_ids=None, interpret=None, block_l=None,
+                          block_d=None):
     bsz, length, d = u.shape
     n = A.shape[-1]
     block_l, lp, block_d, dp = tiles(length, d, n, block_l, block_d)
@@ -88,11 +96,14 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     bias = pad_d((jnp.zeros((d,), f32) if delta_bias is None else delta_bias.astype(f32))[None])
     h0 = (jnp.zeros((bsz, n, dp), f32) if initial_state is None
           else pad_d(jnp.swapaxes(initial_state.astype(f32), 1, 2)))
+    keep = keep_mask(segment_ids, reverse)
+    if keep is not None:      # [B, 1, Lp], time on lanes; padded steps keep
+        keep = jnp.pad(keep, ((0, 0), (0, lp - length)), constant_values=1.0)[:, None]
     static = (("length", length), ("softplus", bool(delta_softplus)), ("block_l", block_l),
               ("block_d", block_d), ("interpret", interpret), ("reverse", bool(reverse)))
     y, h_last = _core(pad_ld(u), pad_ld(delta), None if z is None else pad_ld(z),
                       transpose_bl(B), transpose_bl(C), pad_d(A.astype(f32).T), dskip, bias,
-                      h0, static)
+                      h0, keep, static)
     y = y[:, :length, :d]
     if return_last_state:
         return y, jnp.swapaxes(h_last[:, :, :d], 1, 2)

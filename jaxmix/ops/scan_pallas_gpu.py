@@ -15,16 +15,17 @@ block_d (a power of two) and N up to a power of two (at least MIN_N), with zeros
 in A, B, C, the skip, the bias and the initial state, so padded entries stay zero
 and are cut off afterwards; L is not padded. reverse=True (the scan from the last
 step to the first, see ops.selective_scan) is a flag of the kernels, which then walk
-the chunks and the steps inside them the other way. It also reduces the kernels'
-per-channel-block partial sums (dB, dC) and per-batch partials (dA, dD,
-ddelta_bias). Off GPU the kernels run in the generic Pallas interpreter, which is
+the chunks and the steps inside them the other way. Segment ids become the
+kernels' keep mask [B, L] (multiplying the decay; no mask without ids). It also
+reduces the kernels' per-channel-block partial sums (dB, dC) and per-batch partials
+(dA, dD, ddelta_bias). Off GPU the kernels run in the generic Pallas interpreter, which is
 slow and meant for tests.
 """
 import jax
 import jax.numpy as jnp
 
 from jaxmix.ops.scan_pallas import make_core
-from jaxmix.ops.selective_scan import check_shapes
+from jaxmix.ops.selective_scan import check_shapes, keep_mask
 from kernels_pallas import selective_scan_gpu as kernel
 
 BLOCK_D = 32        # channels per program: a [32, 16] fp32 state is 4 registers a thread
@@ -60,11 +61,11 @@ _core = make_core(kernel)  # the custom_vjp shared with the TPU kernel
 
 def selective_scan_pallas_gpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                               delta_softplus=False, initial_state=None,
-                              return_last_state=False, reverse=False, interpret=None,
-                              block_d=None, chunk=None):
+                              return_last_state=False, reverse=False, segment_ids=None,
+                              interpret=None, block_d=None, chunk=None):
     """Selective scan (semantics of `selective_scan_reference`): y [B, L, D] in u's
     dtype, and the last state [B, D, N] fp32 when return_last_state."""
-    check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
     bsz, length, d = u.shape
     n = A.shape[-1]
     block_d, dp, np_, chunk = tiles(length, d, n, block_d, chunk)
@@ -79,7 +80,7 @@ def selective_scan_pallas_gpu(u, delta, A, B, C, D=None, z=None, delta_bias=None
               ("interpret", interpret), ("reverse", bool(reverse)))
     y, h_last = _core(pad_d(u), pad_d(delta), None if z is None else pad_d(z), pad_n(B),
                       pad_n(C), jnp.pad(A.astype(f32), ((0, dp - d), (0, np_ - n))),
-                      vec(D), vec(delta_bias), h0, static)
+                      vec(D), vec(delta_bias), h0, keep_mask(segment_ids, reverse), static)
     y = y[:, :, :d]
     if return_last_state:
         return y, h_last[:, :d, :n]

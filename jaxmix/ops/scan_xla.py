@@ -19,6 +19,11 @@ the end, the saved states are those entering each chunk from the right, and the
 backward walks from the start, g_{t+1} = a_t g_t + C_{t+1} dy_{t+1}. The padding
 stays at the end, where the reverse scan meets it first: still a = 1, no input.
 
+Segment ids come in as a keep mask k_t (1 carry, 0 reset; `selective_scan.keep_mask`)
+folded into the decay, a_t = k_t exp(delta_t A): every identity above holds as
+written with that a_t (s_t = g_t (h_t - b_t) is 0 at a reset, so nothing flows into
+A or delta there). Without ids the mask is absent and no step multiplies by it.
+
 Speed on CPU: every time step is a handful of fused, state-sized loops over
 [B, N, D] (channels minor: the sums over N are written as adds of slices so they
 fuse with their producers; the sums over D are batched matrix-vector products),
@@ -36,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix import cpu
-from jaxmix.ops.selective_scan import finish_output, prepare_delta
+from jaxmix.ops.selective_scan import finish_output, keep_mask, prepare_delta
 from jaxmix.ops.vma import match_vma, unify_vma
 
 f32 = jnp.float32
@@ -117,13 +122,19 @@ def _bdot(x_BND, w_BD):
     return jax.lax.dot_general(x_BND, w_BD, (((2,), (1,)), ((0,), (0,))))
 
 
-def _step(h_BND, A2_ND, dl_BD, u_BD, b_BN):
-    """h_t = exp(delta A) h_{t-1} + delta u B (A2 = A log2 e)."""
+def _decay_kept(dl_BD, A2_ND, keep_BL, t):
+    """a_t = keep_t exp(delta_t A) [B, N, D] (A2 = A log2 e; no mask: no product)."""
     a_BND = _decay(dl_BD[:, None, :] * A2_ND)
+    return a_BND if keep_BL is None else a_BND * _at(keep_BL, t)[:, None, None]
+
+
+def _step(h_BND, A2_ND, dl_BD, u_BD, b_BN, keep_BL, t):
+    """h_t = a_t h_{t-1} + delta u B."""
+    a_BND = _decay_kept(dl_BD, A2_ND, keep_BL, t)
     return a_BND * h_BND + (dl_BD * u_BD)[:, None, :] * b_BN[:, :, None]
 
 
-def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk, reverse):
+def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk, reverse):
     """y [B, L, D] (without the D skip), the last state, and the states entering every
     chunk (in scan order: chunk c holds scan steps c*chunk ... (c+1)*chunk-1)."""
     nc = u_BLD.shape[1] // chunk
@@ -132,7 +143,7 @@ def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk, reverse):
     def step(p, carry):
         h_BND, y_BLD = carry
         t = time(p)
-        h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t))
+        h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t), keep_BL, t)
         c_BN = _at(C_BLN, t)
         y_BD = _sum_n(h_BND.shape[1], lambda i: h_BND[:, i] * c_BN[:, i, None])
         return h_BND, _put(y_BLD, t, y_BD)
@@ -149,8 +160,8 @@ def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk, reverse):
     return jax.lax.fori_loop(0, nc, chunk_body, (h0_BND, y0, hs0))
 
 
-def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk,
-                   reverse):
+def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, keep_BL, dy_BLD, dh_BND,
+                   chunk, reverse):
     """Gradients (du, ddelta, dA [N, D], dB, dC, dh0) by the recurrence run backwards
     over the scan steps (p: scan step, t = time(p): its position)."""
     bsz, length, d = u_BLD.shape
@@ -167,7 +178,8 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
         def recompute(i, hc):
             h_BND, H, dC_BLN = hc
             t = time(t0 + i)
-            h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t))
+            h_BND = _step(h_BND, A2_ND, _at(dl_BLD, t), _at(u_BLD, t), _at(B_BLN, t),
+                          keep_BL, t)
             dC_BN = _bdot(h_BND, _at(dy_BLD, t))
             return h_BND, _put(H, i, h_BND), _put(dC_BLN, t, dC_BN)
 
@@ -190,7 +202,7 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
             prev = time(jnp.maximum(p, 1) - 1)
             cdy_BND = _at(C_BLN, prev)[:, :, None] * (_at(dy_BLD, prev)
                                                       * (p > 0).astype(f32))[:, None, :]
-            return (_decay(dl_BD[:, None, :] * A2_ND) * g_BND + cdy_BND,
+            return (_decay_kept(dl_BD, A2_ND, keep_BL, t) * g_BND + cdy_BND,
                     dA_BND + s_BND * dl_BD[:, None, :],
                     _put(du_BLD, t, du_BD), _put(ddl_BLD, t, ddl_BD),
                     _put(dB_BLN, t, _bdot(g_BND, dlu_BD)))
@@ -211,27 +223,29 @@ def _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, 
     return du, ddl, jnp.sum(dA_BND, axis=0), dB, dC, g_BND
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def scan_core(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk, reverse=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def scan_core(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk, reverse=False):
     """(y [B, L, D] without the D skip, last state [B, N, D]); fp32, L a multiple of
-    chunk; `reverse` scans from the last step to the first."""
-    h_BND, y_BLD, _ = _scan_forward(u_BLD, dl_BLD, A_ND * LOG2E, B_BLN, C_BLN, h0_BND, chunk,
-                                    reverse)
+    chunk; `reverse` scans from the last step to the first; keep [B, L] (or None)
+    multiplies the decay (0: reset)."""
+    h_BND, y_BLD, _ = _scan_forward(u_BLD, dl_BLD, A_ND * LOG2E, B_BLN, C_BLN, h0_BND,
+                                    keep_BL, chunk, reverse)
     return y_BLD, h_BND
 
 
-def _core_fwd(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, chunk, reverse):
+def _core_fwd(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk, reverse):
     A2_ND = A_ND * LOG2E
-    h_BND, y_BLD, hs_CBND = _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, chunk,
-                                          reverse)
-    return (y_BLD, h_BND), (u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND)
+    h_BND, y_BLD, hs_CBND = _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND,
+                                          keep_BL, chunk, reverse)
+    return (y_BLD, h_BND), (u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, keep_BL)
 
 
 def _core_bwd(chunk, reverse, res, cts):
-    u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND = res
+    u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, keep_BL = res
     dy_BLD, dh_BND = cts
-    return _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, dy_BLD, dh_BND, chunk,
-                          reverse)
+    grads = _scan_backward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, keep_BL, dy_BLD,
+                           dh_BND, chunk, reverse)
+    return grads + (None,)      # the keep mask comes from integer ids: no gradient
 
 
 scan_core.defvjp(_core_fwd, _core_bwd)
@@ -239,7 +253,7 @@ scan_core.defvjp(_core_fwd, _core_bwd)
 
 def selective_scan_xla(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, initial_state=None,
-                       return_last_state=False, reverse=False, chunk=None):
+                       return_last_state=False, reverse=False, segment_ids=None, chunk=None):
     bsz, length, d = u.shape
     n = A.shape[-1]
     dl_BLD = prepare_delta(delta, delta_bias, delta_softplus)
@@ -254,6 +268,10 @@ def selective_scan_xla(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     # to a sharded u), so its cotangents match them; A's gradient is then psummed.
     core_in = unify_vma(padder(u), padder(dl_BLD), A.astype(f32).T, padder(B), padder(C),
                         h0_BND)
-    y_BLD, h_BND = scan_core(*core_in, chunk, bool(reverse))
+    keep_BL = keep_mask(segment_ids, reverse)
+    if keep_BL is not None:   # padded steps keep (a = 1): the state passes through them
+        keep_BL = match_vma(jnp.pad(keep_BL, ((0, 0), (0, pad)), constant_values=1.0),
+                            *core_in)
+    y_BLD, h_BND = scan_core(*core_in, keep_BL, chunk, bool(reverse))
     out = finish_output(y_BLD[:, :length], u, D, z)
     return (out, jnp.swapaxes(h_BND, 1, 2)) if return_last_state else out

@@ -10,6 +10,12 @@ reverse=True runs the recurrence from the last step to the first,
 with `initial_state` entering after step L-1 and the returned last state the one
 after step 0: exactly flip(scan(flip(inputs))) along time, done natively by every
 implementation (no flipped copies).
+Packed documents: `segment_ids` [B, L] (ints) reset the state where a new segment
+starts, h_{t-1} taken as 0 at every t > 0 with seg[t] != seg[t-1] (reverse: h_{t+1}
+at every t < L-1 with seg[t] != seg[t+1]); `initial_state` still enters at the first
+scanned step. Every implementation takes the ids as a fp32 keep mask aligned with
+the scan (`keep_mask`: 1 carry, 0 reset) multiplying the decay, a_t = keep_t
+exp(delta_t A); without ids nothing changes (no extra kernel inputs).
 Everything is computed in fp32 and the output is cast back to u's dtype.
 """
 import jax
@@ -98,12 +104,26 @@ def selective_state_update(state_BDN, u_BD, delta_BD, A, B_BN, C_BN, D=None, z_B
     return finish_output(y_BD, u_BD, D, z_BD), h_BDN
 
 
-def check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def keep_mask(segment_ids_BL, reverse=False):
+    """fp32 [B, L] (or None without ids): 0 where the scan resets its state before
+    step t (a new segment starts at t, or with `reverse` ends at t), 1 elsewhere; the
+    first scanned step always keeps (the initial state enters there)."""
+    if segment_ids_BL is None:
+        return None
+    seg = jnp.asarray(segment_ids_BL)
+    same_BL = seg[:, 1:] == seg[:, :-1]
+    one_B1 = jnp.ones((seg.shape[0], 1), bool)
+    parts = (same_BL, one_B1) if reverse else (one_B1, same_BL)
+    return jnp.concatenate(parts, axis=1).astype(jnp.float32)
+
+
+def check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids=None):
     b, l, d = u.shape
     n = A.shape[-1]
     want = {"delta": (delta, (b, l, d)), "A": (A, (d, n)), "B": (B, (b, l, n)),
             "C": (C, (b, l, n)), "D": (D, (d,)), "z": (z, (b, l, d)),
-            "delta_bias": (delta_bias, (d,)), "initial_state": (initial_state, (b, d, n))}
+            "delta_bias": (delta_bias, (d,)), "initial_state": (initial_state, (b, d, n)),
+            "segment_ids": (segment_ids, (b, l))}
     for name, (arr, shape) in want.items():
         if arr is not None and tuple(arr.shape) != shape:
             raise ValueError(f"selective_scan: {name} has shape {tuple(arr.shape)}, "
@@ -112,13 +132,16 @@ def check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              delta_softplus=False, initial_state=None,
-                             return_last_state=False, reverse=False):
+                             return_last_state=False, reverse=False, segment_ids=None):
     """The oracle: a lax.scan over time (backwards when `reverse`) holding the full
     [B, L, D, N] terms."""
     delta_BLD = prepare_delta(delta, delta_bias, delta_softplus, softplus=jax.nn.softplus)
     u_BLD = u.astype(jnp.float32)
     A_DN = A.astype(jnp.float32)
     dA_BLDN = jnp.exp(delta_BLD[..., None] * A_DN)
+    keep_BL = keep_mask(segment_ids, reverse)
+    if keep_BL is not None:
+        dA_BLDN = dA_BLDN * keep_BL[:, :, None, None]
     dBu_BLDN = (delta_BLD * u_BLD)[..., None] * B.astype(jnp.float32)[:, :, None, :]
     bsz, _, d = u.shape
     h0_BDN = (jnp.zeros((bsz, d, A.shape[-1]), jnp.float32) if initial_state is None
@@ -148,7 +171,8 @@ def _pallas_fn():
 
 def selective_scan_per_device(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                               delta_softplus=False, initial_state=None,
-                              return_last_state=False, reverse=False, fn=None):
+                              return_last_state=False, reverse=False, segment_ids=None,
+                              fn=None):
     """The Pallas scan run by every device on its shard (`per_device.per_device`):
     batch over the mesh axes of the logical name "batch", channels over those of
     "mlp" (the Mamba mixer's names for these dims); time is never split here (the
@@ -161,16 +185,17 @@ def selective_scan_per_device(u, delta, A, B, C, D=None, z=None, delta_bias=None
     bln = s(b_ax)
     opt = lambda x, sp: None if x is None else sp
 
-    def body(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    def body(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids):
         return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                   delta_softplus=delta_softplus, initial_state=initial_state,
-                  return_last_state=return_last_state, reverse=reverse)
+                  return_last_state=return_last_state, reverse=reverse,
+                  segment_ids=segment_ids)
 
     in_specs = (bld, bld, dn, bln, bln, opt(D, d_), opt(z, bld), opt(delta_bias, d_),
-                opt(initial_state, bdn))
+                opt(initial_state, bdn), opt(segment_ids, bln))
     out_specs = (bld, bdn) if return_last_state else bld
     return per_device.per_device(body, in_specs, out_specs)(
-        u, delta, A, B, C, D, z, delta_bias, initial_state)
+        u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
 
 
 def resolve_impl(impl):
@@ -181,12 +206,13 @@ def resolve_impl(impl):
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, initial_state=None, return_last_state=False,
-                   impl="auto", reverse=False):
+                   impl="auto", reverse=False, segment_ids=None):
     """Selective scan (see module docstring). Returns y [B, L, D] (and h [B, D, N]);
-    reverse=True scans from the last step to the first.
+    reverse=True scans from the last step to the first; segment_ids [B, L] reset the
+    state at segment boundaries.
 
     impl="pallas" runs the kernel per device under a mesh (see `per_device`)."""
-    check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state, segment_ids)
     impl = resolve_impl(impl)
     if impl == "reference":
         fn = selective_scan_reference
@@ -196,4 +222,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         fn = selective_scan_per_device
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
               delta_softplus=delta_softplus, initial_state=initial_state,
-              return_last_state=return_last_state, reverse=reverse)
+              return_last_state=return_last_state, reverse=reverse,
+              segment_ids=segment_ids)

@@ -46,12 +46,16 @@ class Run:
                                                                 config.train.batch_size)
         self.data = data.build(config, process_index=part, process_count=self.batch_slices)
         validate.check_classes(config, self.data)
+        validate.check_vocab(config, self.data)
         os.makedirs(workdir, exist_ok=True)
         self.ckpt = workdir_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  keep=config.train.keep_checkpoints)
         validate.check_workdir(config, workdir, self.ckpt.latest_step() is not None)
         if self.is_main:
             workdir_lib.write_config(config, workdir)
+            tokenizer = getattr(self.data, "tokenizer", None)
+            if tokenizer is not None and tokenizer.kind != "bytes":
+                tokenizer.save(os.path.join(workdir, "tokenizer"))  # for generate
         self.train_step = make_train_step(self.model, self.tx, self.lr, self.mesh, self.rules,
                                           self.shardings, self.batch_sharding,
                                           seed=config.train.seed)
@@ -90,13 +94,16 @@ class Run:
         return state
 
     def print_sample(self, params, prompt="def ", n_tokens=120):
-        """A short sample at the end of a run (byte-level models, process 0)."""
-        if (not self.is_main or self.config.model.vocab_size != 256 or not self.data.is_text
-                or self.is_encoder):
+        """A short sample at the end of a run (text language models, process 0), encoded
+        and decoded with the data's tokenizer."""
+        if not self.is_main or not self.data.is_text or self.is_encoder:
             return
-        from jaxmix.generate import sample_text
-        text = sample_text(self.model, params, prompt, n_tokens, temperature=0.8,
-                           rng=jax.random.PRNGKey(0))
+        from jaxmix.generate import encode_prompt, generate
+        tok = self.data.tokenizer
+        ids = encode_prompt(tok, prompt, self.config.model.vocab_size)
+        out = generate(self.model, params, ids, max_new_tokens=n_tokens, temperature=0.8,
+                       rng=jax.random.PRNGKey(0))
+        text = tok.decode(np.asarray(out)[0])
         print(f"--- sample ---\n{prompt}{text}\n--------------", flush=True)
 
 
@@ -149,7 +156,7 @@ def run(config, workdir):
                 val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
                 val_metrics = {"val_loss": val, "val_acc": acc}
                 if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
-                    val_metrics["val_bpb"] = bits_per_byte(val)
+                    val_metrics["val_bpb"] = bits_per_byte(val, r.data.bytes_per_token)
                     bar.write(f"step {step}: validation loss {val:.4f} nats, "
                               f"{val_metrics['val_bpb']:.3f} bits/byte")
                 else:

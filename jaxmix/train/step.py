@@ -18,19 +18,31 @@ log = logging.getLogger("jaxmix")
 
 def split_batch(batch):
     """(tokens [B, L+1], loss mask [B, L] or None) of a batch: an int array (every
-    target scored) or a dict {"tokens", "loss_mask"} (only the masked targets)."""
+    target scored) or a dict {"tokens", "loss_mask"} (only the masked targets; packed
+    documents also carry "segment_ids" and "positions" [B, L+1], see
+    `packing_inputs`)."""
     if isinstance(batch, dict):
         return batch["tokens"], batch.get("loss_mask")
     return batch, None
 
 
+def packing_inputs(batch):
+    """The model's segment_ids and positions [B, L] of a packed batch (dict entries
+    "segment_ids" / "positions" [B, L+1], inputs part), each None when absent."""
+    if not isinstance(batch, dict):
+        return {}
+    return {k: batch[k][:, :-1] for k in ("segment_ids", "positions") if k in batch}
+
+
 def scored_terms(model, params, batch, train=False, rng=None):
     """(cross-entropy [B, L] in nats, mask [B, L] or None, logits, aux) of a batch.
-    `rng` is the mixers' "mixer" stream (for routers that sample while training)."""
+    `rng` is the mixers' "mixer" stream (for routers that sample while training). A
+    packed batch's segment ids and positions reach the mixers."""
     tokens_BL1, mask_BL = split_batch(batch)
     inputs, targets = tokens_BL1[:, :-1], tokens_BL1[:, 1:]
     rngs = {"mixer": rng} if rng is not None else None
-    logits, aux = model.apply({"params": params}, inputs, train=train, rngs=rngs)
+    logits, aux = model.apply({"params": params}, inputs, train=train, rngs=rngs,
+                              **packing_inputs(batch))
     ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return ce_BL, mask_BL, logits, aux
 

@@ -127,3 +127,24 @@ def check_classes(config, data):
         raise ConfigError(f"model.n_classes={m.n_classes} but data.source "
                           f"{config.data.source!r} has {n_data} classes; set "
                           f"--config.model.n_classes={n_data}")
+
+
+def check_vocab(config, data):
+    """The model's vocabulary holds every id the data's tokenizer can produce, and a
+    packed-segments run is a language model's."""
+    tokenizer = getattr(data, "tokenizer", None)
+    if getattr(data, "segments", False) and config.model.get("family", "lm") != "lm":
+        raise ConfigError("data.packing='segments' is for language models; use "
+                          "data.packing='concat' with model.family="
+                          f"{config.model.family!r}")
+    if tokenizer is None or int(config.model.vocab_size) >= tokenizer.vocab_size:
+        return
+    n = tokenizer.vocab_size
+    if str(config.data.source).startswith("arrayrecord:"):
+        raise ConfigError(f"data.source: {config.data.source!r} was prepared with a "
+                          f"tokenizer of {n:,} tokens, more than model.vocab_size="
+                          f"{config.model.vocab_size}; set --config.model.vocab_size={n} "
+                          f"or prepare the corpus with the model's tokenizer")
+    raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                      f"vocabulary of data.tokenizer={config.data.get('tokenizer', 'bytes')!r} "
+                      f"({n:,} tokens); set --config.model.vocab_size={n}")
