@@ -1,17 +1,15 @@
 """A BPE tokenizer trained here drives the whole fine-tuning path through the real CLIs,
 with no network: an HF Mamba directory holding that tokenizer -> jaxmix.convert ->
 prepare with the imported tokenizer -> train.py --config configs/finetune.py (packed
-segments, init_from) -> resume -> generate."""
+segments, init_from) -> resume -> the generate CLI."""
 import json
 import os
-import subprocess
-import sys
 import sysconfig
 
 import pytest
 
 from bpe import train_bpe
-from conftest import ROOT, run_train, subprocess_env
+from conftest import run_train
 from jaxmix.data.prepare import main as prepare_main
 
 
@@ -30,7 +28,7 @@ def tiny_hf_mamba(directory, vocab_size):
 
 
 @pytest.mark.slow
-def test_bpe_convert_prepare_finetune_resume_generate(tmp_path):
+def test_bpe_convert_prepare_finetune_resume_generate(tmp_path, capsys):
     hf_dir, imported = tmp_path / "hf", tmp_path / "imported"
     train_bpe(hf_dir)  # tokenizer.json + tokenizer_config.json (eos) beside the model
     tiny_hf_mamba(hf_dir, 2048)
@@ -60,9 +58,9 @@ def test_bpe_convert_prepare_finetune_resume_generate(tmp_path):
     assert sorted(losses) == [2, 4, 5, 6, 8, 10] and losses[10] < losses[2]
     assert metrics(run, "val_bpb")[10] > 0
     assert os.path.isfile(run / "tokenizer" / "tokenizer.json")
-    gen = subprocess.run([sys.executable, "-m", "jaxmix.generate", "--workdir", str(run),
-                          "--prompt", "def ", "--max_new_tokens", "16"],
-                         capture_output=True, text=True, env=subprocess_env(), cwd=ROOT,
-                         timeout=300)
-    assert gen.returncode == 0, gen.stderr[-3000:]
-    assert gen.stdout.startswith("def ") and len(gen.stdout) > len("def ") + 8
+    from jaxmix import generate  # the CLI in-process: decodes with the workdir's tokenizer
+    capsys.readouterr()  # prepare's summary line
+    assert generate.main(["--workdir", str(run), "--prompt", "def ",
+                          "--max_new_tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def ") and len(out) > len("def ") + 8
