@@ -61,7 +61,7 @@ def setup_logging():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxmix.errors import ConfigError
+    from jaxmix.errors import ConfigError, NonFiniteError
     if FLAGS.config is None:
         print("error: --config is required, e.g. --config configs/mamba_lm.py", file=sys.stderr)
         sys.exit(2)
@@ -81,6 +81,13 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
+        print("interrupted; the last checkpoint stays; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def _unknown_override(argv):

@@ -79,7 +79,8 @@ def base_config(mixer, stage, size):
         min_lr_ratio=0.1, weight_decay=0.05, b1=0.9, b2=0.95, grad_clip=1.0,
         log_every=20 if cpu else 100, eval_every=200 if cpu else 2000,
         eval_batches=max(1, s["val_clips"] // (32 if cpu else 64)),
-        checkpoint_every=200 if cpu else 1000, keep_checkpoints=3, seed=0, cpu_devices=0))
+        checkpoint_every=200 if cpu else 1000, keep_checkpoints=3, seed=0, cpu_devices=0,
+        nonfinite="stop", nonfinite_max=10))
     c.data = ml_collections.ConfigDict(dict(source="audio:synthetic", val_fraction=0.1,
                                             shuffle=True, audio=s))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))

@@ -40,6 +40,10 @@ def base_config():
         min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
         log_every=10, eval_every=100, eval_batches=8, checkpoint_every=100,
         keep_checkpoints=3, seed=0,
+        # A step with a non-finite loss or gradient norm never updates the params; then
+        # "stop" (exit status 3 with a diagnosis) or "skip" (go on; stop after
+        # nonfinite_max such steps in a row).
+        nonfinite="stop", nonfinite_max=10,
         cpu_devices=0))  # CPU hosts: data-parallel over up to this many cores (0 = all, 1 = off)
     # tokenizer: "bytes" or an HF tokenizer folder / tokenizer.json; packing: "concat"
     # (documents run together) or "segments" (no position sees across a document).

@@ -9,6 +9,11 @@ class ConfigError(ValueError):
     """
 
 
+class NonFiniteError(RuntimeError):
+    """A training step's loss or gradients were not finite and train.nonfinite says
+    stop. The CLI prints `error: <message>` on one line and exits with status 3."""
+
+
 def first_line(e):
     """The first line of an exception's message (its type name when it has none)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

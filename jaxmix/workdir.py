@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxmix import models
-from jaxmix.errors import ConfigError
+from jaxmix.errors import ConfigError, first_line
 
 log = logging.getLogger("jaxmix")
 
@@ -73,6 +73,7 @@ class _Snapshot:
 
 class Checkpointer:
     def __init__(self, directory, keep=3, async_save=True):
+        self.directory = directory
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(
@@ -102,6 +103,38 @@ class Checkpointer:
             log.warning("data-iterator state not restored (%s); re-positioning by step",
                         str(e).splitlines()[0])
             return state, False
+
+    def restore_latest(self, abstract_state, data_iter):
+        """(step, state, data_restored) of the newest checkpoint that restores, or None
+        when there is none. One that fails (a damaged or truncated file, missing
+        metadata, an empty step folder) is reported in one warning line and set aside
+        as `<step>.damaged` (kept for a look; later saves of that step cannot collide
+        with it), and the one before it is tried. None usable: ConfigError."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                state, data_ok = self.restore(step, abstract_state, data_iter)
+                return step, state, data_ok
+            except Exception as e:  # whatever orbax / tensorstore raise for bad files
+                log.warning("checkpoint step %d in %s does not restore (%s); set aside as "
+                            "%d.damaged, trying the one before it", step, self.directory,
+                            first_line(e), step)
+                self._set_aside(step)
+        if steps:
+            raise ConfigError(f"--workdir: no checkpoint in {self.directory} restores "
+                              f"(steps {', '.join(map(str, steps))}, set aside as "
+                              f"*.damaged); train in another --workdir, or delete "
+                              f"{self.directory} to start over")
+        return None
+
+    def _set_aside(self, step):
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            os.replace(path, f"{path}.damaged")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"jaxmix set aside checkpoint {step}")
+        self.manager.reload()
 
     def close(self):
         self.manager.wait_until_finished()

@@ -33,6 +33,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def metrics_rows(workdir):
+    """The rows of a workdir's metrics.jsonl; a last line still being written by a
+    running train.py (no newline yet) is left out."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
 def json_rows(args, env_extra, timeout=900):
     """Runs `python *args` with `env_extra` added to the environment; asserts it exits 0
     and returns the JSON objects it printed, one per line starting with "{"."""

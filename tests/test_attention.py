@@ -95,7 +95,7 @@ def assert_matches(fn, q, k, v, kw, fwd_tol=FWD_TOL, grad_tol=GRAD_TOL):
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite],
                                atol=fwd_tol, rtol=fwd_tol)
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, rg, atol=grad_tol, rtol=grad_tol)
     return out, lse, grads
 
@@ -196,7 +196,7 @@ def test_explicit_positions_and_merge():
     ref_loss = lambda q, k, v: masked_attention(q, k, v, mask)
     g = jax.jit(jax.grad(loss(merged), (0, 1, 2)))(q, k, v)
     rg = jax.jit(jax.grad(loss(ref_loss), (0, 1, 2)))(q, k, v)
-    for a, r in zip(g, rg):
+    for a, r in zip(g, rg, strict=True):
         np.testing.assert_allclose(a, r, atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
@@ -350,7 +350,7 @@ def _assert_kinds_agree_with_visible(shapes):
         msg = str(((causal, window, sink), (l, s), seg, pos))
         assert not (any_visible & (kind == 0)).any(), msg
         rows_real = np.arange(t.nq * t.bq).reshape(t.nq, t.bq) < l
-        for qi, kj in zip(*np.nonzero(kind == 1)):
+        for qi, kj in zip(*np.nonzero(kind == 1), strict=True):
             assert tiles[:, qi, rows_real[qi], kj].all(), msg
         if not seg and not pos:
             np.testing.assert_array_equal(kind > 0, any_visible, err_msg=msg)
@@ -417,7 +417,7 @@ def test_bf16_within_twice_reference_error():
     out, _, g = run(xla(), q16, k16, v16, kw)
     err = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
     assert err(out, ref32) <= 2 * err(ref16, ref32)
-    for a, b, r in zip(g, g16, g32):
+    for a, b, r in zip(g, g16, g32, strict=True):
         assert err(a, r) <= 2 * err(b, r)
 
 

@@ -147,7 +147,7 @@ def test_round_trip_exact_and_hf_reads_it(kind, tmp_path):
     cfg2, params2 = hf.load(str(tmp_path))
     flat, flat2 = (jax.tree_util.tree_flatten_with_path(p)[0] for p in (params, params2))
     assert [k for k, _ in flat] == [k for k, _ in flat2]
-    for (_, a), (_, b) in zip(flat, flat2):
+    for (_, a), (_, b) in zip(flat, flat2, strict=True):
         np.testing.assert_array_equal(a, b)
     assert models.padded_vocab(cfg2) == models.padded_vocab(cfg)
     for field in ("d_model", "n_layers", "tie_embeddings", "norm_eps"):
@@ -168,10 +168,10 @@ def test_convert_cli_workdir(hf_dirs, tmp_path):
     assert {"model", "train", "data", "mesh"} <= set(full)
     lm, params, config = workdir.load_workdir(str(out))
     _, want = hf.load(directory)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     for a, b in zip(jax.tree.leaves(workdir.load_params(str(out), lm)),
-                    jax.tree.leaves(workdir.load_params(directory))):
+                    jax.tree.leaves(workdir.load_params(directory)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     ids = prompt(config.model.vocab_size)
     tokens = np.asarray(gen.generate(lm, params, ids, max_new_tokens=NEW, temperature=0.0))
@@ -207,7 +207,7 @@ def test_trainer_restores_converted_workdir(hf_dirs, tmp_path):
     ckpt.close()
     assert int(state.step) == 0 and not data_ok
     _, want = hf.load(directory)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 

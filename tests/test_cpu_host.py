@@ -25,7 +25,7 @@ def test_linear_matches_dot_and_its_gradients(shape):
     y, vjp = jax.vjp(linear, x, w)
     y_ref, vjp_ref = jax.vjp(jnp.dot, x, w)
     np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
-    for got, want in zip(vjp(g), vjp_ref(g)):
+    for got, want in zip(vjp(g), vjp_ref(g), strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

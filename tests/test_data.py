@@ -51,14 +51,14 @@ def all_windows(stream, window):
 def test_shapes_dtypes_and_determinism(text_source):
     p1, p2 = data.build(make_config(text_source)), data.build(make_config(text_source))
     b1, b2 = take(p1.train_iter, 5), take(p2.train_iter, 5)
-    for x, y in zip(b1, b2):
+    for x, y in zip(b1, b2, strict=True):
         assert x.shape == (4, 33) and x.dtype == np.int32
         assert x.min() >= 0 and x.max() <= 255
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(b1[0], b1[1])
     v1, v2 = p1.val_batches(), p2.val_batches()
     assert len(v1) == 2 and all(v.shape == (4, 33) and v.dtype == np.int32 for v in v1)
-    for x, y, z in zip(v1, v2, p1.val_batches()):
+    for x, y, z in zip(v1, v2, p1.val_batches(), strict=True):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(x, z)
     line = p1.describe()
@@ -125,7 +125,7 @@ def test_resume_from_state(text_source):
     state = it.get_state()
     it2 = data.build(config).train_iter
     it2.set_state(state)
-    for x, y in zip(take(it2, 5), reference[7:]):
+    for x, y in zip(take(it2, 5), reference[7:], strict=True):
         np.testing.assert_array_equal(x, y)
 
 

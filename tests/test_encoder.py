@@ -34,7 +34,8 @@ def random_params(params, seed=3):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return jax.tree.unflatten(treedef, [
-        leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+        leaf + 0.3 * jax.random.normal(k, leaf.shape)
+        for leaf, k in zip(leaves, keys, strict=True)])
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])

@@ -57,9 +57,9 @@ def check(b, length, h, d_k, d_v, chunk, with_state, with_segments, impl="xla"):
     want, want_g = run(gated_delta_rule_reference)
     got, got_g = run(lambda *a, **kw: ops.gated_delta_rule(*a, chunk_size=chunk, impl=impl,
                                                            **kw))
-    for name, x, y in zip(("o", "state"), got, want):
+    for name, x, y in zip(("o", "state"), got, want, strict=True):
         assert rel(x, y) < FWD, (name, rel(x, y))
-    for i, (x, y) in enumerate(zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g))):
+    for i, (x, y) in enumerate(zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True)):
         assert rel(x, y) < GRAD, (i, rel(x, y))
 
 

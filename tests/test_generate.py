@@ -35,7 +35,7 @@ def built(family):
     # perturb so norms and biases are not at their trivial init
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     return config, lm, jax.tree.unflatten(tree, leaves)
 
 
@@ -161,7 +161,7 @@ def workdir(tmp_path_factory):
 def test_load_workdir_and_sample_text(workdir):
     _, _, params = built("mamba")
     lm, loaded, config = workdir_lib.load_workdir(workdir)
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     text = gen.sample_text(lm, loaded, "def ", 12, temperature=0.0)
     want = gen.generate(lm, loaded, gen.encode_bytes("def "), max_new_tokens=12,

@@ -100,7 +100,8 @@ def test_every_mixer_has_one_cache_protocol():
         assert jax.tree.structure(cache) == jax.tree.structure(
             axes, is_leaf=lambda x: isinstance(x, tuple)), kind
         for array, names in zip(jax.tree.leaves(cache),
-                                jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+                                jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)),
+                                strict=True):
             assert array.ndim == len(names), (kind, array.shape, names)
         longer = mixer.init_cache(2, 32, jnp.float32)
         same = [a.shape for a in jax.tree.leaves(cache)] == [

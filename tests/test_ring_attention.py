@@ -32,7 +32,8 @@ def case(n, causal, layout, gqa, segments, **extra):
 
 def covering_cases():
     cells = itertools.product((2, 4, 8), (False, True), ("contiguous", "zigzag"))
-    cases = [case(n, c, lay, g, s) for (n, c, lay), (g, s) in zip(cells, _GQA_SEG)]
+    cases = [case(n, c, lay, g, s)
+             for (n, c, lay), (g, s) in zip(cells, _GQA_SEG, strict=True)]
     cases[11]["q_chunks"] = 2   # several kernel calls per hop
     cases[4]["q_chunks"] = 4
     cases.append(dict(case(4, True, "zigzag", 1, 0), hkv=2, masked_rows=True, q_chunks=2))

@@ -174,7 +174,8 @@ def segment_rows(cases):
                                     ct)(x, wk, wk[0])
         row = dict(case, y=w.rel(y, y_ref), h=w.rel(h, h_ref), conv=w.rel(c, c_ref))
         row.update({"d_" + k: w.rel(g[k], g_ref[k]) for k in g})
-        row.update({f"conv_d{i}": w.rel(a, b) for i, (a, b) in enumerate(zip(gc, gc_ref))})
+        row.update({f"conv_d{i}": w.rel(a, b)
+                    for i, (a, b) in enumerate(zip(gc, gc_ref, strict=True))})
         rows.append(row)
     return rows
 

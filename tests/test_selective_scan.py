@@ -80,7 +80,7 @@ def segment_ids_of(length, *row_starts):
 def segments(row):
     """[(start, end)] of the runs of equal ids in one row."""
     cuts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]] + [len(row)]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def per_segment(scan, seg_BL):
@@ -102,17 +102,17 @@ def per_segment(scan, seg_BL):
         for name, v in a.items():
             if name in TIME_INDEXED:
                 pads = [((0, 0), (width - hi + lo, 0) if bf else (0, width - hi + lo), (0, 0))
-                        for (_, lo, hi), bf in zip(spans, before)]
+                        for (_, lo, hi), bf in zip(spans, before, strict=True)]
                 parts[name] = jnp.concatenate([jnp.pad(v[b:b + 1, lo:hi], p) for (b, lo, hi), p
-                                               in zip(spans, pads)])
+                                               in zip(spans, pads, strict=True)])
             elif name == "initial_state":
                 parts[name] = jnp.stack([v[b] if f else jnp.zeros_like(v[b])
-                                         for (b, _, _), f in zip(spans, first)])
+                                         for (b, _, _), f in zip(spans, first, strict=True)])
             else:
                 parts[name] = v
         y, h = scan(**parts, reverse=reverse)
         ys = [y[i:i + 1, width - hi + lo:] if bf else y[i:i + 1, :hi - lo]
-              for i, ((_, lo, hi), bf) in enumerate(zip(spans, before))]
+              for i, ((_, lo, hi), bf) in enumerate(zip(spans, before, strict=True))]
         last = [i for i, (_, lo, hi) in enumerate(spans)
                 if (lo == 0 if reverse else hi == length)]
         return jnp.concatenate(ys, 1).reshape(seg.shape + y.shape[2:]), h[jnp.asarray(last)]

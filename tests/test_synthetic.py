@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, devices_env, run_train, subprocess_env
+from conftest import ROOT, devices_env, metrics_rows, run_train, subprocess_env
 from jaxmix import data, models
 from jaxmix.data import synthetic
 from jaxmix.errors import ConfigError
@@ -67,7 +67,7 @@ def test_mqar_invariants(seq_len, pairs):
         assert len(at) == pairs and np.all(at >= 2 * pairs) and np.all((at - 2 * pairs) % 2 == 0)
         queries = tokens[at]
         assert sorted(queries.tolist()) == sorted(keys.tolist())  # each key queried once
-        answer = dict(zip(keys.tolist(), values.tolist()))
+        answer = dict(zip(keys.tolist(), values.tolist(), strict=True))
         assert [answer[q] for q in queries.tolist()] == tokens[at + 1].tolist()
         rest = np.setdiff1d(np.arange(2 * pairs, seq_len + 1), np.concatenate([at, at + 1]))
         assert np.all(tokens[rest] == 0)  # zero filler between the queries
@@ -258,8 +258,7 @@ SMOKE = ["--config", "configs/synthetic.py:mqar", "--config.train.batch_size=4",
 
 
 def rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return metrics_rows(workdir)
 
 
 def without_speed(rows_):

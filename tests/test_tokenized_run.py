@@ -2,20 +2,18 @@
 with no network: an HF Mamba directory holding that tokenizer -> jaxmix.convert ->
 prepare with the imported tokenizer -> train.py --config configs/finetune.py (packed
 segments, init_from) -> resume -> the generate CLI."""
-import json
 import os
 import sysconfig
 
 import pytest
 
 from bpe import train_bpe
-from conftest import run_train
+from conftest import metrics_rows, run_train
 from jaxmix.data.prepare import main as prepare_main
 
 
 def metrics(workdir, key):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+    return {r["step"]: r[key] for r in metrics_rows(workdir) if key in r}
 
 
 def tiny_hf_mamba(directory, vocab_size):

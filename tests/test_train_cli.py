@@ -9,15 +9,13 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_train, subprocess_env
+from conftest import ROOT, metrics_rows, run_train, subprocess_env
 
 SMOKE = ["--config", "configs/mamba_lm.py:smoke"]
 
 
 def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in metrics_rows(workdir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +54,51 @@ def test_resume_matches_uninterrupted(straight_run, tmp_path):
         assert got[step] == want[step], (step, got[step], want[step])  # exact on CPU
 
 
-@pytest.mark.slow
-def test_sigkill_resumes_from_last_checkpoint(straight_run, tmp_path):
+def start_and_signal(workdir, sig, n_logged, extra=()):
+    """Starts a 400-step smoke run, sends `sig` once `n_logged` losses are logged;
+    returns the process (its stderr piped)."""
     env = subprocess_env()  # as run_train's: the losses must match bit for bit
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(tmp_path), *SMOKE,
-           "--config.train.steps=400", "--config.train.checkpoint_every=4"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(workdir), *SMOKE,
+           "--config.train.steps=400", *extra]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "metrics.jsonl"
+                            stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(losses(tmp_path)) >= 6:  # step 12 logged
+        if metrics.exists() and len(losses(workdir)) >= n_logged:
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL  # really killed mid-way, not finished
-    ckpts = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-    assert ckpts and max(ckpts) < 400
+    proc.send_signal(sig)
+    return proc
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_matches_uninterrupted(straight_run, tmp_path):
+    """SIGTERM (preemption) between periodic checkpoints: the run finishes its step,
+    saves it with the data position and exits 0. Rerun, it resumes there; killed with
+    SIGKILL while saving every step (a save is most likely in flight), the next run
+    resumes from the last complete checkpoint. The losses of it all are the
+    uninterrupted run's, bit for bit."""
+    proc = start_and_signal(tmp_path, signal.SIGTERM, 3,
+                            ["--config.train.checkpoint_every=1000"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = checkpoint_steps(tmp_path)
+    assert len(stopped) == 1 and 6 <= stopped[0] < 400, stopped
+    assert f"stopped at step {stopped[0]} on SIGTERM" in err
+    # A save every step (async): whatever the kill leaves half-written must not be
+    # taken for a checkpoint.
+    proc = start_and_signal(tmp_path, signal.SIGKILL, stopped[0] // 2 + 4,
+                            ["--config.train.checkpoint_every=1"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL  # really killed mid-way, not finished
+    assert f"resumed from step {stopped[0]}" in err
+    ckpts = checkpoint_steps(tmp_path)
+    assert ckpts and stopped[0] < max(ckpts) < 400
     resumed = run_train(SMOKE + ["--config.train.steps=30"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {max(ckpts)}" in resumed.stderr
@@ -109,6 +135,10 @@ BAD_INPUTS = {
                                            ["data.tokenizer", "tokenizer.json"]),
     "arrayrecord_folder_without_corpus": (["--config.data.source=arrayrecord:{dir}"], None,
                                           ["data.source", "manifest.json", "prepare"]),
+    "vocab_smaller_than_the_bytes": (["--config.model.vocab_size=10"], None,
+                                     ["model.vocab_size=10", "256"]),
+    "nonfinite_policy": (["--config.train.nonfinite=ignore"], None,
+                         ["train.nonfinite='ignore'", "'skip'"]),
 }
 
 
@@ -120,6 +150,18 @@ def test_bad_input_is_one_line_error(case, tmp_path):
     args = [a.replace("{tiny}", str(tiny)).replace("{dir}", str(tmp_path)) for a in args]
     one_line_error(run_train(SMOKE + args, tmp_path / "run", env), *needles)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_status_3_and_keeps_the_last_checkpoint(tmp_path):
+    proc = run_train(SMOKE + ["--config.train.learning_rate=1e12",
+                              "--config.train.grad_clip=0", "--config.train.checkpoint_every=2"],
+                     tmp_path)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = one_line_error(proc, "loss nan", "non-finite gradients in", "embed/embedding",
+                          "the last good checkpoint is step 2", "train.nonfinite='skip'")
+    stopped = int(last.split("step ")[1].split(":")[0])
+    assert stopped >= 3 and checkpoint_steps(tmp_path) == [2]  # nothing saved after it
 
 
 @pytest.mark.slow

@@ -8,12 +8,18 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmix import data, models, parallel, workdir as workdir_lib
-from jaxmix.train import objectives, optimizer, validate
+from jaxmix.train import objectives, optimizer, preempt, validate
 from jaxmix.train import state as state_lib
 from jaxmix.train.metrics import MetricsWriter, plot_losses
-from jaxmix.train.step import bits_per_byte, make_eval_step, make_train_step
+from jaxmix.train import guard as guard_lib
+from jaxmix.train.step import NONFINITE, bits_per_byte, make_eval_step, make_train_step
 
 log = logging.getLogger("jaxmix")
+
+
+def scalars(metrics):
+    """The loggable scalars of a step's metrics (not its per-param flags)."""
+    return {k: v for k, v in metrics.items() if k not in (NONFINITE, "finite")}
 
 
 def evaluate(eval_step, params, val_batches, to_global):
@@ -69,12 +75,12 @@ class Run:
 
     def initial_state(self):
         """(state, data iterator, start step): fresh, or restored from the latest checkpoint."""
-        latest = self.ckpt.latest_step()
-        if latest is None and self.config.get("init_from"):
+        found = self.ckpt.restore_latest(self.abstract, self.data.train_iter)
+        if found is None and self.config.get("init_from"):
             return self.state_from(self.config.init_from), self.data.train_iter, 0
-        if latest is None:
+        if found is None:
             return self.init_fn(), self.data.train_iter, 0
-        state, data_ok = self.ckpt.restore(latest, self.abstract, self.data.train_iter)
+        latest, state, data_ok = found
         it = self.data.train_iter if data_ok else self.data.seek(latest)
         log.info("resumed from step %d in %s", latest, self.workdir)
         return state, it, latest
@@ -130,9 +136,13 @@ def run(config, workdir):
                      time.perf_counter() - t0)
         return compiled[shape]
 
+    stop = preempt.StopRequest().install()  # SIGTERM / SIGINT: save, then stop
+    guard = guard_lib.NonFiniteGuard(t, models.named_params(r.abstract.params), r.ckpt,
+                                     workdir)
+    pending = None  # (step, metrics) whose non-finite flags are not checked yet
+    bar = tqdm(total=t.steps, initial=start, disable=not r.is_main, unit="step",
+               dynamic_ncols=True)
     try:
-        bar = tqdm(total=t.steps, initial=start, disable=not r.is_main, unit="step",
-                   dynamic_ncols=True)
         # Throughput counts training only: compiling and evaluating are left out.
         last_time, tokens, paused = time.perf_counter(), 0, 0.0
         for step in range(start + 1, t.steps + 1):
@@ -142,10 +152,17 @@ def run(config, workdir):
             paused += time.perf_counter() - t0
             with jax.set_mesh(r.mesh):
                 state, metrics = step_fn(state, batch)
+            # The previous step's flags are ready by now: checking them here keeps one
+            # step in flight. A step to be saved is checked before its save.
+            if pending is not None:
+                guard.check_step(*pending)
+            pending = (step, metrics)
             tokens += objectives.positions(batch)
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
-                metrics = jax.device_get(metrics)
+                metrics = scalars(jax.device_get(metrics))
+                if guard.skipped:
+                    metrics["nonfinite_skipped"] = guard.skipped
                 now = time.perf_counter()
                 tok_s = tokens / max(now - last_time - paused, 1e-9)
                 last_time, tokens, paused = now, 0, 0.0
@@ -164,12 +181,28 @@ def run(config, workdir):
                               f"{100 * acc:.2f}% on the scored targets")
                 writer.write(step, val_metrics)
                 paused += time.perf_counter() - t0
-            if step % t.checkpoint_every == 0 or step == t.steps:
+            saving = step % t.checkpoint_every == 0 or step == t.steps
+            stopping = stop.reached(step)
+            if saving or stopping:
+                guard.check_step(*pending)
+                pending = None
+            if saving:
                 r.ckpt.save(step, state, it)
-        bar.close()
+            if stopping:
+                if r.ckpt.latest_step() != step:
+                    r.ckpt.save(step, state, it, force=True)
+                break
+        if pending is not None:
+            guard.check_step(*pending)
     finally:
-        r.ckpt.close()
+        bar.close()  # before any error line
+        stop.restore()
+        r.ckpt.close()  # waits for the saves in flight
         writer.close()
+    if stop.name is not None:
+        log.info("stopped at step %d on %s: checkpoint saved in %s; rerun the same "
+                 "command to resume", step, stop.name, os.path.join(workdir, "checkpoints"))
+        return val_metrics
     plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
     if config.get("sample_at_end", True):
         r.print_sample(state.params)

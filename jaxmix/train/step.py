@@ -14,6 +14,10 @@ from jaxmix.train import objectives
 from jaxmix.train.state import TrainState
 
 log = logging.getLogger("jaxmix")
+# The train step's metric of per-param flags (bool [n_params], in the params' flattening
+# order): that param's gradient was not finite. With the scalar metric "finite" False
+# (loss or gradient norm not finite) the step's update was dropped.
+NONFINITE = "nonfinite_params"
 
 
 def split_batch(batch):
@@ -182,10 +186,21 @@ def make_train_step(model, tx, lr_schedule, mesh, rules, state_shardings, batch_
             grads_fn = loss_and_grads
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
         ce, aux, grads = grads_fn(state.params, tokens, rng)
+        # Non-finite guard: a step whose loss or gradient norm is not finite leaves the
+        # params and optimizer state as they were (the step and data still advance);
+        # the loop applies train.nonfinite to the per-param flags.
+        sq_leaves = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
+                               for g in jax.tree.leaves(grads)])
+        grad_norm = jnp.sqrt(jnp.sum(sq_leaves))
+        finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": ce, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": lr_schedule(state.step)}
+        keep = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep, params, state.params)
+        opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics = {"loss": ce, "grad_norm": grad_norm,
+                   "learning_rate": lr_schedule(state.step),
+                   "finite": finite, NONFINITE: ~jnp.isfinite(sq_leaves)}
         metrics.update({k: jnp.mean(v) for k, v in aux.items()})
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

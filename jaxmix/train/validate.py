@@ -6,6 +6,7 @@ from jaxmix import mixers
 from jaxmix.data import synthetic
 from jaxmix.errors import ConfigError
 from jaxmix.models import normalize_config
+from jaxmix.train import guard
 from jaxmix.workdir import plain
 
 POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
@@ -19,6 +20,12 @@ def check_config(config):
             raise ConfigError(f"train.{field}={t[field]} must be a positive integer")
     if int(t.get("cpu_devices", 0)) < 0:
         raise ConfigError(f"train.cpu_devices={t.cpu_devices} must be >= 0 (0 = every core)")
+    if t.get("nonfinite", "stop") not in guard.POLICIES:
+        raise ConfigError(f"train.nonfinite={t.nonfinite!r}: use 'stop' (end the run at a "
+                          f"non-finite loss or gradient) or 'skip' (drop that update)")
+    if int(t.get("nonfinite_max", 10)) < 1:
+        raise ConfigError(f"train.nonfinite_max={t.nonfinite_max} must be >= 1 (non-finite "
+                          f"steps in a row before a 'skip' run stops)")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate={t.learning_rate} must be positive")
     for field in ("d_model", "n_layers", "vocab_size"):

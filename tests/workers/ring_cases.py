@@ -136,7 +136,7 @@ def check(case):
                              case.get("sink", 0))
     o, g = run_ring(case, q, k, v, dout, seg)
     row = dict(case, out_err=float(jnp.max(jnp.abs(o - o_ref))))
-    for name, a, b in zip(("dq", "dk", "dv"), g, g_ref):
+    for name, a, b in zip(("dq", "dk", "dv"), g, g_ref, strict=True):
         row[name + "_err"] = float(jnp.max(jnp.abs(a - b)))
     if case.get("masked_rows"):
         dead = np.asarray(seg[0]) == -1
@@ -164,7 +164,7 @@ def bf16_report():
     def err(a, b):
         return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - b)))
     row = {"ring_out_err": err(o_r, o32), "plain_out_err": err(o_pl, o32)}
-    for name, a, b, c in zip(("dq", "dk", "dv"), g_r, g_pl, g32):
+    for name, a, b, c in zip(("dq", "dk", "dv"), g_r, g_pl, g32, strict=True):
         row[f"ring_{name}_err"], row[f"plain_{name}_err"] = err(a, c), err(b, c)
     return row
 
@@ -213,7 +213,7 @@ def wrapper_report():
         o_ref, g_ref = reference(q, k, v, dout, seg, True)
         row = {"layout": layout, "out_err": float(jnp.max(jnp.abs(o - o_ref))),
                "collectives": collective_counts(text)}
-        for name, a, b in zip(("dq", "dk", "dv"), g, g_ref):
+        for name, a, b in zip(("dq", "dk", "dv"), g, g_ref, strict=True):
             row[name + "_err"] = float(jnp.max(jnp.abs(a - b)))
         rows.append(row)
     return rows

@@ -114,7 +114,7 @@ def check_conv(mesh, bld, width=4, seed=2, reverse=False):
     with jax.set_mesh(mesh):
         (_, y), g = conv_grads(sp_conv, ct)(x, w, bias)
     row = {"conv": rel(y, y_ref)}
-    for name, a, b in zip(("x", "w", "bias"), g, g_ref):
+    for name, a, b in zip(("x", "w", "bias"), g, g_ref, strict=True):
         row["conv_d_" + name] = rel(a, b)
     return row
 
