@@ -20,6 +20,9 @@ flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of proce
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 flags.DEFINE_string("cpu_collectives", "gloo", "CPU cross-process collectives (gloo|mpi)")
+flags.DEFINE_integer("heartbeat_timeout", 100,
+                     "multi-host: seconds without a peer's heartbeat before every process "
+                     "stops (non-zero status, the log names the missing process)")
 FLAGS = flags.FLAGS
 
 
@@ -29,7 +32,8 @@ def init_distributed():
         # Only affects the CPU client (tests, laptops); GPU/TPU use their own collectives.
         jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                   FLAGS.process_id)
+                                   FLAGS.process_id,
+                                   heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
     elif FLAGS.coordinator_address is None and _cluster_detected():
         jax.distributed.initialize()
 

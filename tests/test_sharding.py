@@ -1,6 +1,7 @@
 """Sharded training on 8 simulated CPU devices, and 2-process runs (2 x 4 devices, gloo)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -84,25 +85,55 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_two_processes(args, workdir, timeout=900, sigterm_after=None):
-    """train.py in 2 processes x 4 devices; [(exit status, stderr)] of each. With
-    `sigterm_after` = n, process 1 alone gets SIGTERM once n losses are logged."""
+def start_two_processes(args, workdir):
     port = free_port()
     env = dict(os.environ, **FOUR)
-    procs = [subprocess.Popen(
+    return [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), "--workdir", str(workdir), *args,
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         for i in range(2)]
+
+
+def wait_for_losses(procs, workdir, n, timeout=900):
+    """Until n losses are logged (or a process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= n:
+            return
+        time.sleep(0.05)
+
+
+def run_two_processes(args, workdir, timeout=900, sigterm_after=None):
+    """train.py in 2 processes x 4 devices; [(exit status, stderr)] of each. With
+    `sigterm_after` = n, process 1 alone gets SIGTERM once n losses are logged."""
+    procs = start_two_processes(args, workdir)
     if sigterm_after is not None:
-        deadline = time.time() + timeout
-        while time.time() < deadline and procs[1].poll() is None:
-            if (workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= sigterm_after:
-                break
-            time.sleep(0.05)
+        wait_for_losses(procs, workdir, sigterm_after, timeout)
         procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, err) for p, (_, err) in zip(procs, outs, strict=True)]
+
+
+@pytest.mark.slow
+def test_a_dead_peer_stops_the_survivor(tmp_path):
+    """kill -9 of one process: the other exits non-zero once the peer misses its
+    heartbeats (--heartbeat_timeout), naming it, instead of waiting in a collective."""
+    procs = start_two_processes(SMOKE8 + ["--config.train.steps=400", "--heartbeat_timeout=10"],
+                                tmp_path)
+    try:
+        wait_for_losses(procs, tmp_path, 2)
+        procs[1].send_signal(signal.SIGKILL)
+        _, err = procs[0].communicate(timeout=120)  # bounded: never waits for ever
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode not in (0, None), err[-3000:]
+    # JAX's coordination service names the peer: as the unhealthy task, or in the
+    # error of the barrier the survivor was waiting in.
+    named = (re.search(r"stopped sending heartbeats\):\s*1\s", err)
+             or "Task 1 heartbeat timeout" in err)
+    assert named, err[-3000:]
 
 
 def losses(workdir, key="loss"):
