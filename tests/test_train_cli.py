@@ -139,6 +139,10 @@ BAD_INPUTS = {
                                      ["model.vocab_size=10", "256"]),
     "nonfinite_policy": (["--config.train.nonfinite=ignore"], None,
                          ["train.nonfinite='ignore'", "'skip'"]),
+    "unknown_scan_impl": (["--config.model.mixers.mamba.scan_impl=bogus"], None,
+                          ["model.mixers.mamba.scan_impl='bogus'", "pallas"]),
+    "zero_state_size": (["--config.model.mixers.mamba.d_state=0"], None,
+                        ["model.mixers.mamba.d_state=0", "positive integer"]),
 }
 
 
@@ -150,6 +154,13 @@ def test_bad_input_is_one_line_error(case, tmp_path):
     args = [a.replace("{tiny}", str(tiny)).replace("{dir}", str(tmp_path)) for a in args]
     one_line_error(run_train(SMOKE + args, tmp_path / "run", env), *needles)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_workdir_that_is_a_file_is_one_line_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    one_line_error(run_train(SMOKE, path), "--workdir", "is a file, not a folder")
+    assert path.read_text() == "mine"
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ class Run:
 
     def __init__(self, config, workdir, devices=None):
         validate.check_config(config)
+        validate.check_workdir_path(workdir)
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.make_mesh(config.mesh, devices)

@@ -6,6 +6,7 @@ from jaxmix import mixers
 from jaxmix.data import synthetic
 from jaxmix.errors import ConfigError
 from jaxmix.models import normalize_config
+from jaxmix.ops import _impl
 from jaxmix.train import guard
 from jaxmix.workdir import plain
 
@@ -35,6 +36,33 @@ def check_config(config):
         raise ConfigError(f"model.dtype={m.dtype!r}: use float32, bfloat16 or float16")
     if m.get("family", "lm") == "encoder":
         check_encoder_length(config)
+    check_mixer_fields(m)
+
+
+# Mixer entry fields that must be positive integers (0 means "default" for the others,
+# such as n_kv_heads, head_dim and dt_rank).
+MIXER_POSITIVE = ("d_state", "d_conv", "expand", "n_heads", "chunk_size", "n_memories",
+                  "top_k")
+
+
+def check_mixer_fields(m):
+    """The implementation names and the counts of the mixer entries the pattern uses."""
+    for name in dict.fromkeys(m.get("mixer_pattern", ())):
+        entry = (m.get("mixers") or {}).get(name)
+        for field, value in (entry.items() if entry is not None else ()):
+            where = f"model.mixers.{name}.{field}={value!r}"
+            if field.endswith("_impl") and value not in _impl.IMPLS:
+                raise ConfigError(f"{where}: use one of {', '.join(_impl.IMPLS)}")
+            if field in MIXER_POSITIVE and (isinstance(value, bool)
+                                            or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{where} must be a positive integer")
+
+
+def check_workdir_path(workdir):
+    """--workdir names a folder (new, or a run's), not a file."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a folder; give a new folder "
+                          f"or the workdir of a run")
 
 
 def check_encoder_length(config):
