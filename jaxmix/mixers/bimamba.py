@@ -20,6 +20,17 @@ import flax.linen as nn
 from jaxmix.mixers.mamba import DEFAULTS, in_projection, out_projection, selective_branch
 
 
+def refuse_decoding(name, decode):
+    if decode:
+        raise ValueError(f"{name} is bidirectional: it has no decoding")
+
+
+def empty_cache(self, batch, max_len, dtype=None):
+    """Nothing: a bidirectional mixer does not decode."""
+    del self, batch, max_len, dtype
+    return {}
+
+
 class BiMamba(nn.Module):
     cfg: Any
     DEFAULTS = dict(DEFAULTS, divide_out=True)
@@ -30,8 +41,7 @@ class BiMamba(nn.Module):
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
                  train=False):
         del positions, cache, train
-        if decode:
-            raise ValueError("bimamba is bidirectional: it has no decoding")
+        refuse_decoding("bimamba", decode)
         x_BLI, z_BLI = in_projection(self, x_BLD)
         y_fwd, _, _ = selective_branch(self, x_BLI, z_BLI, segment_ids=segment_ids)
         y_bwd, _, _ = selective_branch(self, x_BLI, z_BLI, suffix="_b", reverse=True,
@@ -39,10 +49,7 @@ class BiMamba(nn.Module):
         y_BLI = (y_fwd + y_bwd) * (0.5 if self.cfg.get("divide_out", True) else 1.0)
         return out_projection(self, y_BLI, x_BLD.shape[-1]), None, {}
 
-    def init_cache(self, batch, max_len, dtype=None):
-        """Nothing: a bidirectional mixer does not decode."""
-        del batch, max_len, dtype
-        return {}
+    init_cache = empty_cache
 
     def cache_axes(self):
         return {}

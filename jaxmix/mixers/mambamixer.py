@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxmix.mixers.bimamba import BiMamba
+from jaxmix.mixers.bimamba import BiMamba, empty_cache, refuse_decoding
 from jaxmix.mixers.mamba import DEFAULTS as MAMBA_DEFAULTS
 from jaxmix.mixers.mamba import in_projection, out_projection, selective_branch
 
@@ -61,8 +61,7 @@ class MambaMixer(nn.Module):
     def __call__(self, x_BLD, *, segment_ids=None, positions=None, cache=None, decode=False,
                  train=False):
         del positions, cache, train
-        if decode:
-            raise ValueError("mambamixer is bidirectional: it has no decoding")
+        refuse_decoding("mambamixer", decode)
         d_model = x_BLD.shape[-1]
         y_BLD = 0.0
         for suffix, reverse in (("", False), ("_b", True)):
@@ -76,10 +75,7 @@ class MambaMixer(nn.Module):
     def channel_mixer(cfg):
         return ChannelMixer(cfg)
 
-    def init_cache(self, batch, max_len, dtype=None):
-        """Nothing: a bidirectional mixer does not decode."""
-        del batch, max_len, dtype
-        return {}
+    init_cache = empty_cache
 
     def cache_axes(self):
         return {}
