@@ -50,10 +50,22 @@ def single_process():
             and not _cluster_detected())
 
 
+class _FirstLineOnly(logging.Filter):
+    """Library warnings and errors as one line each: the tracebacks that orbax's save
+    threads log for a failed write repeat what the run's own error line reports."""
+
+    def filter(self, record):
+        record.msg, record.args = record.getMessage().split("\n", 1)[0], None
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 def setup_logging():
-    """jaxmix's own progress lines on stderr; library chatter (orbax, absl) only if it warns."""
+    """jaxmix's own progress lines on stderr; library chatter (orbax, absl) only if it
+    warns, one line per message."""
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.get_absl_logger().addFilter(_FirstLineOnly())
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log = logging.getLogger("jaxmix")
@@ -65,7 +77,7 @@ def setup_logging():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxmix.errors import ConfigError, NonFiniteError
+    from jaxmix.errors import ConfigError, NonFiniteError, WriteError
     if FLAGS.config is None:
         print("error: --config is required, e.g. --config configs/mamba_lm.py", file=sys.stderr)
         sys.exit(2)
@@ -82,12 +94,9 @@ def main(argv):
             logging.getLogger("jaxmix").setLevel(logging.WARNING)
         from jaxmix import train
         train.run(FLAGS.config, workdir)
-    except ConfigError as e:
+    except (ConfigError, NonFiniteError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(e.exit_status)
     except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
         print("interrupted; the last checkpoint stays; rerun the same command to resume",
               file=sys.stderr)
@@ -124,8 +133,13 @@ def parse_flags(argv):
     for i, arg in enumerate(argv):
         value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
             argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
-        if value is not None and not os.path.isfile(value.split(":", 1)[0]):
-            print(f"error: --config: no such file {value.split(':', 1)[0]!r}", file=sys.stderr)
+        path = value and value.split(":", 1)[0]
+        if path and not os.path.isfile(path):
+            print(f"error: --config: no such file {path!r}", file=sys.stderr)
+            sys.exit(2)
+        if path and not os.access(path, os.R_OK):
+            print(f"error: --config: {path!r} is not readable (permission denied); fix its "
+                  f"permissions", file=sys.stderr)
             sys.exit(2)
     try:
         return FLAGS(argv)

@@ -11,6 +11,7 @@ Reading safetensors needs no torch; `pytorch_model.bin` files import torch lazil
 torch Linear weights are [out, in] (jaxmix kernels are [in, out]); every mapping below
 is a pair of exact inverse layout changes, so jaxmix -> HF -> jaxmix is lossless.
 """
+import contextlib
 import json
 import os
 import struct
@@ -18,7 +19,7 @@ import struct
 import ml_collections
 import numpy as np
 
-from jaxmix.errors import ConfigError
+from jaxmix.errors import ConfigError, read_json
 
 # ----------------------------------------------------------------------------- layouts
 # (to_jaxmix, to_hf) pairs; `d` is the jaxmix array's leading-dims hint when needed.
@@ -276,8 +277,7 @@ def read_hf_config(directory):
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{directory}: no config.json; point at a Hugging Face model directory")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "config.json", "fix it, or download the model again")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -294,19 +294,30 @@ def _lookup(tree, path):
     return tree
 
 
+@contextlib.contextmanager
+def _fields_of(directory):
+    """A field missing from config.json (KeyError) as one ConfigError line."""
+    try:
+        yield
+    except KeyError as e:
+        raise ConfigError(f"{os.path.join(directory, 'config.json')} has no field "
+                          f"{e.args[0]!r}; fix it, or download the model again") from None
+
+
 def load(directory):
     """(model_config, params) from an HF model directory; params are float32 numpy
     arrays in the pytree `models.build(model_config).init(...)` returns (unboxed)."""
     hf = read_hf_config(directory)
     arch = _arch(hf)
+    with _fields_of(directory):  # the config first: its mistakes before the weights'
+        cfg = {"mamba": mamba_config, "llama": llama_config}.get(arch, lambda _: None)(hf)
     state = read_state_dict(directory)
     if arch == "mamba_ssm" or "backbone.embedding.weight" in state:
         state = {k.replace("backbone.embedding.", "backbone.embeddings."): v
                  for k, v in state.items()}
     if arch == "mamba_ssm":
-        cfg = mamba_ssm_config(hf, state["backbone.embeddings.weight"].shape[0])
-    else:
-        cfg = mamba_config(hf) if arch == "mamba" else llama_config(hf)
+        with _fields_of(directory):
+            cfg = mamba_ssm_config(hf, state["backbone.embeddings.weight"].shape[0])
     if arch != "llama":  # the weights decide (configs written by older versions omit it)
         cfg.mixers.mamba.proj_bias = "backbone.layers.0.mixer.in_proj.bias" in state
     params = {}

@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxmix import models
-from jaxmix.errors import ConfigError, first_line
+from jaxmix.errors import ConfigError, WriteError, first_line, read_json
 
 log = logging.getLogger("jaxmix")
 
@@ -37,6 +37,10 @@ def write_config(config, workdir):
         f.write(json.dumps(plain(config.to_dict()), indent=2))
 
 
+RESTORE_CONFIG = ("it holds the run's config: put back a good copy, or delete the workdir "
+                  "to start over")
+
+
 def read_config(workdir):
     """The run config of a workdir, its model section in the current layout
     (models.normalize_config migrates configs written with flat mixer fields)."""
@@ -44,8 +48,7 @@ def read_config(workdir):
     if not os.path.exists(path):
         raise ConfigError(f"--workdir {workdir}: no config.json there; point it at a "
                           f"train.py or `python -m jaxmix.convert` workdir")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(read_json(path, "--workdir", RESTORE_CONFIG))
     config.model = models.normalize_config(config.model, where=f"{path}: model")
     return config
 
@@ -55,8 +58,7 @@ def is_workdir(path):
     cfg_path = os.path.join(path, "config.json")
     if not (os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(cfg_path)):
         return False
-    with open(cfg_path) as f:
-        return "model" in json.load(f)
+    return "model" in read_json(cfg_path, path, RESTORE_CONFIG)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -69,6 +71,14 @@ class _Snapshot:
 
     def get_state(self):
         return self._state
+
+
+def checkpoint_steps(directory):
+    """The steps whose checkpoint folder is complete, read from disk (orbax renames a
+    save's temporary folder to `<step>` only once everything is written)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
 class Checkpointer:
@@ -85,11 +95,26 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step, state, data_iter=None, force=False):
-        """Saves the state and, when given, the data iterator's position."""
+        """Saves the state and, when given, the data iterator's position (asynchronously:
+        a failure of this save is raised by the next save or by `close`, as a
+        WriteError)."""
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_Snapshot(data_iter.get_state()))
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # whatever orbax / tensorstore raise for a failed write
+            raise self.write_failed("a checkpoint", e) from None
+
+    def write_failed(self, what, e):
+        """The WriteError for a failed write of `what`, naming the last complete
+        checkpoint (intact: a failed save never replaces or deletes one)."""
+        steps = checkpoint_steps(self.directory)
+        kept = (f"the last complete checkpoint, step {steps[-1]} in {self.directory}, is "
+                f"intact" if steps else "no checkpoint was saved before it")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        return WriteError(f"could not write {what} ({reason}); {kept}; free disk "
+                          f"space (or raise the quota) and rerun the same command to resume")
 
     def restore(self, step, abstract_state, data_iter):
         """(state, data_restored: bool). The state lands in abstract_state's shardings."""
@@ -136,9 +161,17 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"jaxmix set aside checkpoint {step}")
         self.manager.reload()
 
-    def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, raise_errors=True):
+        """Waits for the saves in flight; a failed one raises a WriteError (unless
+        `raise_errors` is False: the run is already stopping on another error)."""
+        failures = []
+        for step in (self.manager.wait_until_finished, self.manager.close):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - a failed async save surfaces here
+                failures.append(e)
+        if failures and raise_errors:
+            raise self.write_failed("a checkpoint", failures[0]) from None
 
 
 def restore_params(checkpoint_dir, step=None):
@@ -203,10 +236,13 @@ def load_params(path, model=None):
     if not os.path.isdir(path):
         raise ConfigError(f"init_from={path!r} is not a directory; give an HF model "
                           f"directory or a jaxmix workdir")
-    if is_workdir(path):
-        params, _ = restore_params(os.path.join(path, "checkpoints"))
-    else:
-        params = hf.load(path)[1]
+    try:
+        if is_workdir(path):
+            params, _ = restore_params(os.path.join(path, "checkpoints"))
+        else:
+            params = hf.load(path)[1]
+    except ConfigError as e:
+        raise ConfigError(f"init_from: {e}") from None
     if model is not None:
         params = models.adapt_params(params, model.cfg)
         check_params(model, params, f"init_from={path}")

@@ -112,8 +112,13 @@ def read_documents(root, rel_paths):
     """The files' raw bytes, one per document, in order."""
     out = []
     for rel in rel_paths:
-        with open(os.path.join(root, rel), "rb") as f:
-            out.append(f.read())
+        path = os.path.join(root, rel)
+        try:
+            with open(path, "rb") as f:
+                out.append(f.read())
+        except OSError as e:
+            raise ConfigError(f"data.source: cannot read {path} ({e.strerror}); fix its "
+                              f"permissions or leave it out of the glob") from None
     return out
 
 

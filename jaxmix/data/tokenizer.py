@@ -10,13 +10,12 @@ no torch, nothing downloaded). `eos_token` / `bos_token` of the folder's
 tokenizer_config.json (or special_tokens_map.json) give `eos_id` / `bos_id`.
 """
 import hashlib
-import json
 import os
 import shutil
 
 import numpy as np
 
-from jaxmix.errors import ConfigError, first_line
+from jaxmix.errors import ConfigError, first_line, read_json
 
 BYTES = "bytes"
 TOKENIZER_JSON = "tokenizer.json"
@@ -70,19 +69,6 @@ def _special_token(names, key):
     return None
 
 
-def _read_json(path, field):
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{field}: {path} is unreadable ({type(e).__name__}: "
-                          f"{first_line(e)}); fix or delete "
-                          f"it") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{field}: {path} is not a JSON object; fix or delete it")
-    return data
-
-
 class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer read from its tokenizer.json."""
     kind = "hf"
@@ -106,7 +92,7 @@ class HFTokenizer(Tokenizer):
         self._extra = [] if os.path.basename(json_path) != TOKENIZER_JSON else [
             os.path.join(folder, n) for n in HF_FILES[1:]
             if os.path.isfile(os.path.join(folder, n))]
-        configs = [_read_json(p, field) for p in self._extra]
+        configs = [read_json(p, field, "fix or delete it") for p in self._extra]
         self.eos_token = _special_token(configs, "eos_token")
         self.bos_token = _special_token(configs, "bos_token")
         self.eos_id = self._token_id(self.eos_token, "eos_token", field)

@@ -13,12 +13,11 @@ Both stream kinds give `n_tokens`, `doc_starts` (int64 [n_docs + 1], the last en
 n_tokens), `read(start, stop)` -> the tokens [start, stop), and `read_rows(starts_b,
 width)` -> [b, width].
 """
-import json
 import os
 
 import numpy as np
 
-from jaxmix.errors import ConfigError, first_line
+from jaxmix.errors import ConfigError, first_line, read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "jaxmix-tokens"
@@ -51,12 +50,7 @@ def read_manifest(directory, field="data.source"):
     if not os.path.isfile(path):
         raise ConfigError(f"{field}: {directory!r} has no {MANIFEST} (no prepared corpus, "
                           f"or its preparation did not finish); {PREPARE_HINT}")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{field}: {path} is unreadable ({first_line(e)}); prepare the "
-                          f"corpus again") from None
+    manifest = read_json(path, field, "prepare the corpus again")
     if manifest.get("format") != FORMAT or "splits" not in manifest:
         raise ConfigError(f"{field}: {path} is not a jaxmix token corpus manifest; "
                           f"{PREPARE_HINT}")

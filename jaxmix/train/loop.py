@@ -1,4 +1,5 @@
 """The training run: `run(config, workdir)` trains, evaluates, checkpoints, resumes."""
+import contextlib
 import logging
 import os
 import time
@@ -8,6 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmix import data, models, parallel, workdir as workdir_lib
+from jaxmix.errors import ConfigError, WriteError, is_write_failure
 from jaxmix.train import objectives, optimizer, preempt, validate
 from jaxmix.train import state as state_lib
 from jaxmix.train.metrics import MetricsWriter, plot_losses
@@ -20,6 +22,18 @@ log = logging.getLogger("jaxmix")
 def scalars(metrics):
     """The loggable scalars of a step's metrics (not its per-param flags)."""
     return {k: v for k, v in metrics.items() if k not in (NONFINITE, "finite")}
+
+
+@contextlib.contextmanager
+def writes_checked(ckpt, workdir):
+    """A write that fails for want of space (or a size limit, or a read-only
+    filesystem) becomes one WriteError naming the last complete checkpoint."""
+    try:
+        yield
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise ckpt.write_failed(e.filename or f"the workdir {workdir}", e) from None
 
 
 def evaluate(eval_step, params, val_batches, to_global):
@@ -54,15 +68,24 @@ class Run:
         self.data = data.build(config, process_index=part, process_count=self.batch_slices)
         validate.check_classes(config, self.data)
         validate.check_vocab(config, self.data)
-        os.makedirs(workdir, exist_ok=True)
-        self.ckpt = workdir_lib.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 keep=config.train.keep_checkpoints)
-        validate.check_workdir(config, workdir, self.ckpt.latest_step() is not None)
-        if self.is_main:
-            workdir_lib.write_config(config, workdir)
-            tokenizer = getattr(self.data, "tokenizer", None)
-            if tokenizer is not None and tokenizer.kind != "bytes":
-                tokenizer.save(os.path.join(workdir, "tokenizer"))  # for generate
+        checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
+        resuming = bool(workdir_lib.checkpoint_steps(checkpoints))
+        validate.check_workdir(config, workdir, resuming)
+        # Loaded (and checked against the model) before anything is written.
+        self.fresh_state = (self.state_from(config.init_from)
+                            if config.get("init_from") and not resuming else None)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            self.ckpt = workdir_lib.Checkpointer(checkpoints, keep=config.train.keep_checkpoints)
+            if self.is_main:
+                workdir_lib.write_config(config, workdir)
+                tokenizer = getattr(self.data, "tokenizer", None)
+                if tokenizer is not None and tokenizer.kind != "bytes":
+                    tokenizer.save(os.path.join(workdir, "tokenizer"))  # for generate
+        except OSError as e:
+            error = WriteError if is_write_failure(e) else ConfigError
+            raise error(f"--workdir {workdir}: cannot write {e.filename or 'there'} "
+                        f"({e.strerror}); give a folder you can write") from None
         self.train_step = make_train_step(self.model, self.tx, self.lr, self.mesh, self.rules,
                                           self.shardings, self.batch_sharding,
                                           seed=config.train.seed)
@@ -77,8 +100,9 @@ class Run:
     def initial_state(self):
         """(state, data iterator, start step): fresh, or restored from the latest checkpoint."""
         found = self.ckpt.restore_latest(self.abstract, self.data.train_iter)
-        if found is None and self.config.get("init_from"):
-            return self.state_from(self.config.init_from), self.data.train_iter, 0
+        if found is None and self.fresh_state is not None:
+            state, self.fresh_state = self.fresh_state, None  # not held for the whole run
+            return state, self.data.train_iter, 0
         if found is None:
             return self.init_fn(), self.data.train_iter, 0
         latest, state, data_ok = found
@@ -143,68 +167,72 @@ def run(config, workdir):
     pending = None  # (step, metrics) whose non-finite flags are not checked yet
     bar = tqdm(total=t.steps, initial=start, disable=not r.is_main, unit="step",
                dynamic_ncols=True)
+    failed = True  # until the loop ends normally: then a failed last save is raised
     try:
-        # Throughput counts training only: compiling and evaluating are left out.
-        last_time, tokens, paused = time.perf_counter(), 0, 0.0
-        for step in range(start + 1, t.steps + 1):
-            batch = r.to_global(next(it))
-            t0 = time.perf_counter()
-            step_fn = step_fn_for(batch)
-            paused += time.perf_counter() - t0
-            with jax.set_mesh(r.mesh):
-                state, metrics = step_fn(state, batch)
-            # The previous step's flags are ready by now: checking them here keeps one
-            # step in flight. A step to be saved is checked before its save.
+        with writes_checked(r.ckpt, workdir):
+            # Throughput counts training only: compiling and evaluating are left out.
+            last_time, tokens, paused = time.perf_counter(), 0, 0.0
+            for step in range(start + 1, t.steps + 1):
+                batch = r.to_global(next(it))
+                t0 = time.perf_counter()
+                step_fn = step_fn_for(batch)
+                paused += time.perf_counter() - t0
+                with jax.set_mesh(r.mesh):
+                    state, metrics = step_fn(state, batch)
+                # The previous step's flags are ready by now: checking them here keeps one
+                # step in flight. A step to be saved is checked before its save.
+                if pending is not None:
+                    guard.check_step(*pending)
+                pending = (step, metrics)
+                tokens += objectives.positions(batch)
+                bar.update(1)
+                if step % t.log_every == 0 or step == t.steps:
+                    metrics = scalars(jax.device_get(metrics))
+                    if guard.skipped:
+                        metrics["nonfinite_skipped"] = guard.skipped
+                    now = time.perf_counter()
+                    tok_s = tokens / max(now - last_time - paused, 1e-9)
+                    last_time, tokens, paused = now, 0, 0.0
+                    writer.write(step, {**metrics, "tokens_per_sec": tok_s})
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                if step % t.eval_every == 0 or step == t.steps:
+                    t0 = time.perf_counter()
+                    val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
+                    val_metrics = {"val_loss": val, "val_acc": acc}
+                    if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
+                        val_metrics["val_bpb"] = bits_per_byte(val, r.data.bytes_per_token)
+                        bar.write(f"step {step}: validation loss {val:.4f} nats, "
+                                  f"{val_metrics['val_bpb']:.3f} bits/byte")
+                    else:
+                        bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
+                                  f"{100 * acc:.2f}% on the scored targets")
+                    writer.write(step, val_metrics)
+                    paused += time.perf_counter() - t0
+                saving = step % t.checkpoint_every == 0 or step == t.steps
+                stopping = stop.reached(step)
+                if saving or stopping:
+                    guard.check_step(*pending)
+                    pending = None
+                if saving:
+                    r.ckpt.save(step, state, it)
+                if stopping:
+                    if r.ckpt.latest_step() != step:
+                        r.ckpt.save(step, state, it, force=True)
+                    break
             if pending is not None:
                 guard.check_step(*pending)
-            pending = (step, metrics)
-            tokens += objectives.positions(batch)
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
-                metrics = scalars(jax.device_get(metrics))
-                if guard.skipped:
-                    metrics["nonfinite_skipped"] = guard.skipped
-                now = time.perf_counter()
-                tok_s = tokens / max(now - last_time - paused, 1e-9)
-                last_time, tokens, paused = now, 0, 0.0
-                writer.write(step, {**metrics, "tokens_per_sec": tok_s})
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-            if step % t.eval_every == 0 or step == t.steps:
-                t0 = time.perf_counter()
-                val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
-                val_metrics = {"val_loss": val, "val_acc": acc}
-                if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
-                    val_metrics["val_bpb"] = bits_per_byte(val, r.data.bytes_per_token)
-                    bar.write(f"step {step}: validation loss {val:.4f} nats, "
-                              f"{val_metrics['val_bpb']:.3f} bits/byte")
-                else:
-                    bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
-                              f"{100 * acc:.2f}% on the scored targets")
-                writer.write(step, val_metrics)
-                paused += time.perf_counter() - t0
-            saving = step % t.checkpoint_every == 0 or step == t.steps
-            stopping = stop.reached(step)
-            if saving or stopping:
-                guard.check_step(*pending)
-                pending = None
-            if saving:
-                r.ckpt.save(step, state, it)
-            if stopping:
-                if r.ckpt.latest_step() != step:
-                    r.ckpt.save(step, state, it, force=True)
-                break
-        if pending is not None:
-            guard.check_step(*pending)
+        failed = False
     finally:
         bar.close()  # before any error line
         stop.restore()
-        r.ckpt.close()  # waits for the saves in flight
+        r.ckpt.close(raise_errors=not failed)  # waits for the saves in flight
         writer.close()
     if stop.name is not None:
         log.info("stopped at step %d on %s: checkpoint saved in %s; rerun the same "
                  "command to resume", step, stop.name, os.path.join(workdir, "checkpoints"))
         return val_metrics
-    plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
+    with writes_checked(r.ckpt, workdir):
+        plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
     if config.get("sample_at_end", True):
         r.print_sample(state.params)
     return val_metrics

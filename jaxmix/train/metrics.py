@@ -1,8 +1,42 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, the loss plot. Process 0 only."""
+"""Run outputs: metrics.jsonl, TensorBoard events, the loss plot. Process 0 only.
+
+Every write happens in the training thread, so a full disk raises an OSError there
+(the loop turns it into one error line) instead of stalling a background writer."""
 import json
 import os
+import socket
+import time
 
 import jax
+
+
+class EventFile:
+    """TensorBoard scalars, written and flushed synchronously (tensorboardX's own
+    SummaryWriter queues them for a thread that dies silently on a write error, and
+    then blocks the run on its full queue)."""
+
+    def __init__(self, logdir):
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.record_writer import RecordWriter
+        from tensorboardX.summary import scalar
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
+        self._event, self._scalar = event_pb2.Event, scalar
+        self.path = os.path.join(logdir, name)
+        self._writer = RecordWriter(self.path)
+        self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event):
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
+
+    def add_scalars(self, step, values):
+        for key, value in values.items():
+            self._write(self._event(wall_time=time.time(), step=step,
+                                    summary=self._scalar(key, value)))
+
+    def close(self):
+        self._writer.close()
 
 
 class MetricsWriter:
@@ -16,8 +50,7 @@ class MetricsWriter:
             return
         self._truncate_after(resume_step)
         try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = EventFile(os.path.join(workdir, "tensorboard"))
         except ImportError:  # optional; metrics.jsonl is the source of truth
             self.tb = None
 
@@ -34,16 +67,23 @@ class MetricsWriter:
         if not self.active:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for key, value in row.items():
-                if key != "step":
-                    self.tb.add_scalar(key, value, int(step))
+        path = self.path
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                path = self.tb.path
+                self.tb.add_scalars(int(step), {k: v for k, v in row.items() if k != "step"})
+        except OSError as e:  # a full disk: name the file (a flush error has no name)
+            e.filename = e.filename or path
+            raise
 
     def close(self):
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:  # every event was flushed when it was written
+                pass
 
 
 def read_rows(workdir):

@@ -1,14 +1,13 @@
 """Early checks of the config, the mesh and the workdir: one-line errors, outside jit."""
-import json
 import os
 
 from jaxmix import mixers
 from jaxmix.data import synthetic
-from jaxmix.errors import ConfigError
+from jaxmix.errors import ConfigError, read_json
 from jaxmix.models import normalize_config
 from jaxmix.ops import _impl
 from jaxmix.train import guard
-from jaxmix.workdir import plain
+from jaxmix.workdir import RESTORE_CONFIG, plain
 
 POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
             "checkpoint_every", "keep_checkpoints")
@@ -29,6 +28,10 @@ def check_config(config):
                           f"steps in a row before a 'skip' run stops)")
     if t.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate={t.learning_rate} must be positive")
+    for field, meaning in (("grad_clip", "0 = no clipping"), ("warmup_steps", "0 = none"),
+                           ("weight_decay", "0 = none")):
+        if t.get(field, 0) < 0:
+            raise ConfigError(f"train.{field}={t[field]} must be >= 0 ({meaning})")
     for field in ("d_model", "n_layers", "vocab_size"):
         if int(m[field]) <= 0:
             raise ConfigError(f"model.{field}={m[field]} must be a positive integer")
@@ -59,10 +62,23 @@ def check_mixer_fields(m):
 
 
 def check_workdir_path(workdir):
-    """--workdir names a folder (new, or a run's), not a file."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir} is a file, not a folder; give a new folder "
-                          f"or the workdir of a run")
+    """--workdir names a folder (a run's, or a new one) that this process can read and
+    write, or create."""
+    if os.path.exists(workdir):
+        if not os.path.isdir(workdir):
+            raise ConfigError(f"--workdir {workdir} is a file, not a folder; give a new "
+                              f"folder or the workdir of a run")
+        for mode, what in ((os.R_OK | os.X_OK, "readable"), (os.W_OK, "writable")):
+            if not os.access(workdir, mode):
+                raise ConfigError(f"--workdir {workdir} is not {what}; fix its permissions "
+                                  f"or give another folder")
+        return
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        raise ConfigError(f"--workdir {workdir} cannot be created: {parent} is not a "
+                          f"writable folder; give a folder you can write")
 
 
 def check_encoder_length(config):
@@ -141,8 +157,7 @@ def check_workdir(config, workdir, has_checkpoints):
     path = os.path.join(workdir, "config.json")
     if not (has_checkpoints and os.path.exists(path)):
         return
-    with open(path) as f:
-        old = json.load(f).get("model", {})
+    old = read_json(path, "--workdir", RESTORE_CONFIG).get("model", {})
     old = plain(normalize_config(old, where=f"{path}: model").to_dict())
     new = plain(normalize_config(config.model).to_dict())
     diff = _first_difference(_without_runtime(old), _without_runtime(new))
