@@ -55,11 +55,11 @@ def read_json(path, field, fix):
 
 
 def exit_status(body):
-    """Runs a command's `body()`: exit status 0, or 2 after one `error: ...` line on
-    stderr when it raises a ConfigError."""
+    """Runs a command's `body()`: exit status 0, or after one `error: ...` line on
+    stderr the status of the ConfigError (2) or WriteError (4) it raised."""
     try:
         body()
-    except ConfigError as e:
+    except (ConfigError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status
     return 0

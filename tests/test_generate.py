@@ -107,6 +107,8 @@ def test_sampling_filters():
     a = gen.generate(lm, params, prompt, temperature=1.0, rng=jax.random.PRNGKey(5), **kw)
     b = gen.generate(lm, params, prompt, temperature=1.0, rng=jax.random.PRNGKey(5), **kw)
     np.testing.assert_array_equal(a, b)  # reproducible for a fixed rng
+    c = gen.generate(lm, params, prompt, temperature=1.0, rng=jax.random.PRNGKey(6), **kw)
+    assert not np.array_equal(a, c)  # and the rng is what the draws follow
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = jax.random.PRNGKey(0)

@@ -87,16 +87,18 @@ def test_per_document_validation(corpus_dir):
     assert sum(n for _, n in pieces) == val.n_tokens  # every token once
     for w in windows:
         assert sum(n for _, n in w) <= 33
-    for a, b in docs:  # a document shorter than a window is never cut
-        if b - a <= 33:
-            assert (a, b - a) in pieces
-    batch = pipe.val_batches()[0]
-    row = batch["tokens"][0]
+    for a, b in docs:  # a document is cut only into whole windows and a last piece
+        # that is never cut again (a document shorter than a window: one piece)
+        assert sum(a <= s < b for s, _ in pieces) == -(-(b - a) // 33), (a, b)
+    batches = pipe.val_batches()
+    row = batches[0]["tokens"][0]
     first = windows[0]
     np.testing.assert_array_equal(row[:first[0][1]], val.read(*first[0][:1],
                                                              first[0][0] + first[0][1]))
-    pad = batch["segment_ids"] == 0
-    assert not np.any(batch["loss_mask"][pad[:, 1:]])
+    pads = [b["segment_ids"] == 0 for b in batches]
+    assert any(pad.any() for pad in pads)
+    for batch, pad in zip(batches, pads, strict=True):
+        assert not np.any(batch["loss_mask"][pad[:, 1:]])
 
 
 def test_bpe_tokenizer_in_memory(corpus_dir, tmp_path):
