@@ -40,7 +40,7 @@ def test_device_check_on_cpu():
     by = {(r["check"], r.get("impl")): r for r in rows}
     for impl in ("pallas", "xla", "auto"):
         row = by["attention", impl]
-        assert row["ok"] is True and row["fwd_err"] >= 0, row
+        assert row["ok"] is True and row["fwd_err"] < 1e-5, row  # float32 on the CPU
     assert by["attention", "auto"]["resolved"] == "xla"
     for impl in ("pallas_mosaic_tpu", "pallas_triton_gpu", "xla"):
         row = by["scan", impl]

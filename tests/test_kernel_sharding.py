@@ -27,6 +27,7 @@ SPEC = {"config": "configs/transformer_lm.py:smoke",
 @pytest.mark.parametrize("mesh", [[2, 2, 2], pytest.param([1, 4, 2], marks=pytest.mark.exhaustive)])
 def test_pallas_kernels_run_per_device_and_losses_match_one_device(mesh):
     rows = worker("kernel_sharding.py", json.dumps(dict(SPEC, meshes=[[], mesh])))
+    assert [r.get("mesh") for r in rows[1:]] == [mesh], rows  # one row per mesh
     single = rows[0]
     flash = [k for k in single["kernels"] if len(k["operands"][0]) == 4]
     assert len(flash) == 3 and len(single["kernels"]) == 5, single["kernels"]  # + scan fwd/bwd
