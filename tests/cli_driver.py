@@ -6,6 +6,10 @@ stdout and stderr in files and runs train.py's entry point exactly as `python tr
 ARGS` does (`absl.app.run(train.main, flags_parser=train.parse_flags)`); its exit
 status is the case's. A case costs its own work, not another second of imports.
 
+As root (who reads and writes any file) the driver first re-executes itself without
+CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that file modes hold for the cases as
+for any other user: an unreadable file is unreadable.
+
 CASES.json: [{"argv": [...], "env": {...}, "out": PREFIX}, ...]; each child writes
 PREFIX.stdout, PREFIX.stderr and PREFIX.status.
 """
@@ -17,6 +21,22 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASE_TIMEOUT_S = 120
+
+
+def drop_dac_override():
+    """Root only: drop the two capabilities that bypass file modes from the bounding set
+    and re-execute (the new image's capabilities come from that set)."""
+    import ctypes
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    caps = (1, 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if not any(libc.prctl(23, cap, 0, 0, 0) == 1 for cap in caps):  # PR_CAPBSET_READ
+        return  # already without them
+    for cap in caps:
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def preload():
@@ -64,6 +84,7 @@ def wait(pid):
 
 
 def main(path):
+    drop_dac_override()
     train = preload()
     with open(path) as f:
         cases = json.load(f)

@@ -4,11 +4,8 @@ traceback, and write nothing into the workdir it was given (an existing one, lef
 byte for byte as it was) or create one.
 
 The cases run through tests/cli_driver.py (train.py's entry point in a forked child
-per case, its libraries imported once); test_train_cli.py runs a few through a fresh
-`python train.py` too. As root (who reads and writes any file) the driver runs without
-CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so unreadable and unwritable paths are that
-for the cases as for any user."""
-import ctypes
+per case, its libraries imported once; as root, without the capabilities that bypass
+file modes); test_train_cli.py runs a few through a fresh `python train.py` too."""
 import json
 import os
 import shutil
@@ -173,15 +170,6 @@ CASES = {
 }
 
 
-def drop_dac_override():
-    """Runs in the driver's process before exec: root without these capabilities obeys
-    file modes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def snapshot(path):
     """Every file and folder under `path`: its mode, and its bytes for files."""
     if not os.path.lexists(path):
@@ -227,8 +215,7 @@ def run_cases(trained, base):
     spec.write_text(json.dumps(runs))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_driver.py"),
                            str(spec)], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=1200,
-                          preexec_fn=drop_dac_override if os.geteuid() == 0 else None)
+                          text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {}
     for name, run in zip(CASES, runs, strict=True):
