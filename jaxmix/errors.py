@@ -39,6 +39,12 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def reason(e):
+    """Why an operation failed, in a few words: an OSError's own text ("No space left on
+    device"; the caller names the file), or else the first line of the message."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+
+
 def read_json(path, field, fix):
     """The JSON object in the file at `path`. A missing, unreadable or invalid file, or
     JSON that is not an object, is a ConfigError: `{field}: {path} is unreadable
@@ -47,8 +53,7 @@ def read_json(path, field, fix):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        raise ConfigError(f"{field}: {path} is unreadable ({reason}); {fix}") from None
+        raise ConfigError(f"{field}: {path} is unreadable ({reason(e)}); {fix}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{field}: {path} is not a JSON object; {fix}")
     return data

@@ -310,7 +310,8 @@ def load(directory):
     hf = read_hf_config(directory)
     arch = _arch(hf)
     with _fields_of(directory):  # the config first: its mistakes before the weights'
-        cfg = {"mamba": mamba_config, "llama": llama_config}.get(arch, lambda _: None)(hf)
+        cfg = (None if arch == "mamba_ssm"  # sized by the weights, below
+               else mamba_config(hf) if arch == "mamba" else llama_config(hf))
     state = read_state_dict(directory)
     if arch == "mamba_ssm" or "backbone.embedding.weight" in state:
         state = {k.replace("backbone.embedding.", "backbone.embeddings."): v

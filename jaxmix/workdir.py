@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxmix import models
-from jaxmix.errors import ConfigError, WriteError, first_line, read_json
+from jaxmix.errors import ConfigError, WriteError, first_line, read_json, reason
 
 log = logging.getLogger("jaxmix")
 
@@ -112,8 +112,7 @@ class Checkpointer:
         steps = checkpoint_steps(self.directory)
         kept = (f"the last complete checkpoint, step {steps[-1]} in {self.directory}, is "
                 f"intact" if steps else "no checkpoint was saved before it")
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        return WriteError(f"could not write {what} ({reason}); {kept}; free disk "
+        return WriteError(f"could not write {what} ({reason(e)}); {kept}; free disk "
                           f"space (or raise the quota) and rerun the same command to resume")
 
     def restore(self, step, abstract_state, data_iter):
@@ -165,9 +164,9 @@ class Checkpointer:
         """Waits for the saves in flight; a failed one raises a WriteError (unless
         `raise_errors` is False: the run is already stopping on another error)."""
         failures = []
-        for step in (self.manager.wait_until_finished, self.manager.close):
+        for call in (self.manager.wait_until_finished, self.manager.close):
             try:
-                step()
+                call()
             except Exception as e:  # noqa: BLE001 - a failed async save surfaces here
                 failures.append(e)
         if failures and raise_errors:

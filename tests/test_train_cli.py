@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, metrics_rows, run_train, subprocess_env
+from jaxmix import workdir as workdir_lib
 
 SMOKE = ["--config", "configs/mamba_lm.py:smoke"]
 
@@ -92,7 +93,8 @@ def start_and_signal(workdir, sig, n_logged, extra=()):
 
 
 def checkpoint_steps(workdir):
-    return sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    """The complete checkpoints' steps ([] before the checkpoints folder exists)."""
+    return workdir_lib.checkpoint_steps(str(workdir / "checkpoints"))
 
 
 @pytest.mark.slow
@@ -139,7 +141,7 @@ def test_a_failed_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_pat
     proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not checkpoint_steps_of(tmp_path):
+    while time.time() < deadline and proc.poll() is None and not checkpoint_steps(tmp_path):
         time.sleep(0.01)
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1, 1))
     _, err = proc.communicate(timeout=300)
@@ -154,11 +156,6 @@ def test_a_failed_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_pat
     assert f"resumed from step {kept[-1]}" in resumed.stderr
     assert "does not restore" not in resumed.stderr
     assert checkpoint_steps(tmp_path)[-1] == 1000
-
-
-def checkpoint_steps_of(workdir):
-    """checkpoint_steps before the checkpoints folder exists: []."""
-    return checkpoint_steps(workdir) if (workdir / "checkpoints").is_dir() else []
 
 
 def one_line_error(proc, *needles):

@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from jaxmix.errors import ConfigError
+from jaxmix.errors import ConfigError, reason
 
 SEPARATOR = b"\n\n"
 # Directories never read from the standard library: installed packages and
@@ -117,7 +117,7 @@ def read_documents(root, rel_paths):
             with open(path, "rb") as f:
                 out.append(f.read())
         except OSError as e:
-            raise ConfigError(f"data.source: cannot read {path} ({e.strerror}); fix its "
+            raise ConfigError(f"data.source: cannot read {path} ({reason(e)}); fix its "
                               f"permissions or leave it out of the glob") from None
     return out
 

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxmix import data, models, parallel, workdir as workdir_lib
-from jaxmix.errors import ConfigError, WriteError, is_write_failure
+from jaxmix.errors import ConfigError, WriteError, is_write_failure, reason
 from jaxmix.train import objectives, optimizer, preempt, validate
 from jaxmix.train import state as state_lib
 from jaxmix.train.metrics import MetricsWriter, plot_losses
@@ -85,7 +85,7 @@ class Run:
         except OSError as e:
             error = WriteError if is_write_failure(e) else ConfigError
             raise error(f"--workdir {workdir}: cannot write {e.filename or 'there'} "
-                        f"({e.strerror}); give a folder you can write") from None
+                        f"({reason(e)}); give a folder you can write") from None
         self.train_step = make_train_step(self.model, self.tx, self.lr, self.mesh, self.rules,
                                           self.shardings, self.batch_sharding,
                                           seed=config.train.seed)
@@ -142,6 +142,13 @@ def run(config, workdir):
     """Trains `config` in `workdir`; returns the last validation metrics: val_loss
     (nats per scored target), val_acc, and val_bpb for byte text."""
     r = Run(config, workdir)
+    with writes_checked(r.ckpt, workdir):
+        return train(r)
+
+
+def train(r):
+    """The training loop of a built Run (see `run`)."""
+    config, workdir = r.config, r.workdir
     t = config.train
     n_params = state_lib.param_count(r.abstract)
     log.info("model: %s params, mesh %s, data: %s", f"{n_params:,}", dict(r.mesh.shape),
@@ -169,58 +176,57 @@ def run(config, workdir):
                dynamic_ncols=True)
     failed = True  # until the loop ends normally: then a failed last save is raised
     try:
-        with writes_checked(r.ckpt, workdir):
-            # Throughput counts training only: compiling and evaluating are left out.
-            last_time, tokens, paused = time.perf_counter(), 0, 0.0
-            for step in range(start + 1, t.steps + 1):
-                batch = r.to_global(next(it))
-                t0 = time.perf_counter()
-                step_fn = step_fn_for(batch)
-                paused += time.perf_counter() - t0
-                with jax.set_mesh(r.mesh):
-                    state, metrics = step_fn(state, batch)
-                # The previous step's flags are ready by now: checking them here keeps one
-                # step in flight. A step to be saved is checked before its save.
-                if pending is not None:
-                    guard.check_step(*pending)
-                pending = (step, metrics)
-                tokens += objectives.positions(batch)
-                bar.update(1)
-                if step % t.log_every == 0 or step == t.steps:
-                    metrics = scalars(jax.device_get(metrics))
-                    if guard.skipped:
-                        metrics["nonfinite_skipped"] = guard.skipped
-                    now = time.perf_counter()
-                    tok_s = tokens / max(now - last_time - paused, 1e-9)
-                    last_time, tokens, paused = now, 0, 0.0
-                    writer.write(step, {**metrics, "tokens_per_sec": tok_s})
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-                if step % t.eval_every == 0 or step == t.steps:
-                    t0 = time.perf_counter()
-                    val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
-                    val_metrics = {"val_loss": val, "val_acc": acc}
-                    if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
-                        val_metrics["val_bpb"] = bits_per_byte(val, r.data.bytes_per_token)
-                        bar.write(f"step {step}: validation loss {val:.4f} nats, "
-                                  f"{val_metrics['val_bpb']:.3f} bits/byte")
-                    else:
-                        bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
-                                  f"{100 * acc:.2f}% on the scored targets")
-                    writer.write(step, val_metrics)
-                    paused += time.perf_counter() - t0
-                saving = step % t.checkpoint_every == 0 or step == t.steps
-                stopping = stop.reached(step)
-                if saving or stopping:
-                    guard.check_step(*pending)
-                    pending = None
-                if saving:
-                    r.ckpt.save(step, state, it)
-                if stopping:
-                    if r.ckpt.latest_step() != step:
-                        r.ckpt.save(step, state, it, force=True)
-                    break
+        # Throughput counts training only: compiling and evaluating are left out.
+        last_time, tokens, paused = time.perf_counter(), 0, 0.0
+        for step in range(start + 1, t.steps + 1):
+            batch = r.to_global(next(it))
+            t0 = time.perf_counter()
+            step_fn = step_fn_for(batch)
+            paused += time.perf_counter() - t0
+            with jax.set_mesh(r.mesh):
+                state, metrics = step_fn(state, batch)
+            # The previous step's flags are ready by now: checking them here keeps one
+            # step in flight. A step to be saved is checked before its save.
             if pending is not None:
                 guard.check_step(*pending)
+            pending = (step, metrics)
+            tokens += objectives.positions(batch)
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = scalars(jax.device_get(metrics))
+                if guard.skipped:
+                    metrics["nonfinite_skipped"] = guard.skipped
+                now = time.perf_counter()
+                tok_s = tokens / max(now - last_time - paused, 1e-9)
+                last_time, tokens, paused = now, 0, 0.0
+                writer.write(step, {**metrics, "tokens_per_sec": tok_s})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+            if step % t.eval_every == 0 or step == t.steps:
+                t0 = time.perf_counter()
+                val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
+                val_metrics = {"val_loss": val, "val_acc": acc}
+                if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
+                    val_metrics["val_bpb"] = bits_per_byte(val, r.data.bytes_per_token)
+                    bar.write(f"step {step}: validation loss {val:.4f} nats, "
+                              f"{val_metrics['val_bpb']:.3f} bits/byte")
+                else:
+                    bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
+                              f"{100 * acc:.2f}% on the scored targets")
+                writer.write(step, val_metrics)
+                paused += time.perf_counter() - t0
+            saving = step % t.checkpoint_every == 0 or step == t.steps
+            stopping = stop.reached(step)
+            if saving or stopping:
+                guard.check_step(*pending)
+                pending = None
+            if saving:
+                r.ckpt.save(step, state, it)
+            if stopping:
+                if r.ckpt.latest_step() != step:
+                    r.ckpt.save(step, state, it, force=True)
+                break
+        if pending is not None:
+            guard.check_step(*pending)
         failed = False
     finally:
         bar.close()  # before any error line
@@ -231,8 +237,7 @@ def run(config, workdir):
         log.info("stopped at step %d on %s: checkpoint saved in %s; rerun the same "
                  "command to resume", step, stop.name, os.path.join(workdir, "checkpoints"))
         return val_metrics
-    with writes_checked(r.ckpt, workdir):
-        plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
+    plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
     if config.get("sample_at_end", True):
         r.print_sample(state.params)
     return val_metrics
