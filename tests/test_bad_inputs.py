@@ -8,6 +8,7 @@ per case, its libraries imported once; as root, without the capabilities that by
 file modes); test_train_cli.py runs a few through a fresh `python train.py` too."""
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -180,8 +181,8 @@ def snapshot(path):
         for name in dirs + files:
             full = os.path.join(root, name)
             st = os.lstat(full)
-            found[os.path.relpath(full, path)] = (st.st_mode, name in files and open(
-                full, "rb").read())
+            found[os.path.relpath(full, path)] = (
+                st.st_mode, pathlib.Path(full).read_bytes() if name in files else None)
     return found
 
 
