@@ -8,6 +8,7 @@ Re-running the same command resumes from the latest checkpoint in the workdir.
 """
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -15,7 +16,8 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "config file, optionally `path:preset`",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "output folder (default runs/<config file stem>)")
+flags.DEFINE_string("workdir", None, "output folder (default: runs/<config file stem>, or "
+                    "runs/<stem>-<preset> for a preset other than the default)")
 flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -82,12 +84,12 @@ def main(argv):
         print("error: --config is required, e.g. --config configs/mamba_lm.py", file=sys.stderr)
         sys.exit(2)
     setup_logging()
-    stem = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
-    workdir = FLAGS.workdir or os.path.join("runs", stem)
+    workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
     try:
         if single_process():
             from jaxmix import cpu
-            cpu.prepare_training_host(FLAGS.config)
+            for note in cpu.prepare_training_host(FLAGS.config):
+                logging.getLogger("jaxmix").warning(note)
         init_distributed()
         import jax
         if jax.process_index() != 0:  # process 0 speaks for the run
@@ -101,6 +103,19 @@ def main(argv):
         print("interrupted; the last checkpoint stays; rerun the same command to resume",
               file=sys.stderr)
         sys.exit(130)
+
+
+def default_workdir(spec):
+    """runs/<stem> for a config file's default preset, runs/<stem>-<preset> for another:
+    configs/mamba_lm.py -> runs/mamba_lm, configs/mamba_lm.py:smoke ->
+    runs/mamba_lm-smoke, configs/finetune.py:runs/imported -> runs/finetune-imported
+    (a preset that is a path gives its last part)."""
+    path, _, preset = spec.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    preset = os.path.basename(os.path.normpath(preset)) if preset else ""
+    preset = re.sub(r"[^\w.-]+", "_", preset).strip("._")
+    return os.path.join("runs", f"{stem}-{preset}" if preset and preset != "default"
+                        else stem)
 
 
 def _unknown_override(argv):

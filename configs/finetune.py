@@ -4,6 +4,9 @@ Llama directory (imported first with `python -m jaxmix.convert`, or read directl
   python train.py --config configs/finetune.py:runs/mamba-130m \
       --config.data.source=arrayrecord:data/corpus [--workdir runs/mamba-130m-ft]
 
+Without --workdir the run goes to runs/finetune-<MODEL's folder name>; it never writes
+into MODEL.
+
 The preset is the model to start from. Its model section is used as it is (on top of
 configs/mamba_lm.py for a pure Mamba model, configs/transformer_lm.py otherwise),
 `init_from` points at it, documents are packed as segments, and when it carries a
@@ -15,10 +18,9 @@ import os
 
 
 def _tokenizer_of(path):
-    for folder in (os.path.join(path, "tokenizer"), path):
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            return folder
-    return "bytes"
+    from jaxmix.data.tokenizer import TOKENIZER_JSON, tokenizer_folder
+    folder = tokenizer_folder(path)
+    return folder if os.path.isfile(os.path.join(folder, TOKENIZER_JSON)) else "bytes"
 
 
 def get_config(preset=""):

@@ -12,13 +12,32 @@ def load_module(path):
     return module
 
 
-def load_config(spec, root=None):
-    """`get_config(preset)` of a "path[:preset]" spec; relative paths from `root` (or cwd)."""
+def load_config(spec, root=None, flag="--config"):
+    """`get_config(preset)` of a "path[:preset]" spec; relative paths from `root` (or cwd).
+    A missing or unreadable file, or a preset the file refuses, is a one-line
+    ConfigError naming `flag`."""
+    from jaxmix.errors import ConfigError, first_line
     path, _, preset = spec.partition(":")
     if root is not None and not os.path.isabs(path):
         path = os.path.join(root, path)
-    module = load_module(path)
-    return module.get_config(preset) if preset else module.get_config()
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {spec}: no such file {path!r}; give a config file such "
+                          f"as configs/mamba_lm.py[:PRESET]")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{flag} {spec}: {path!r} is not readable (permission denied); "
+                          f"fix its permissions")
+    try:
+        module = load_module(path)
+    except Exception as e:  # noqa: BLE001 - whatever the file's own code raises
+        raise ConfigError(f"{flag} {spec}: {path} does not load ({type(e).__name__}: "
+                          f"{first_line(e)}); fix the file") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"{flag} {spec}: {path} has no get_config(preset) function; give "
+                          f"a config file such as configs/mamba_lm.py")
+    try:
+        return module.get_config(preset) if preset else module.get_config()
+    except (ValueError, KeyError) as e:  # an unknown preset, a model it cannot read
+        raise ConfigError(f"{flag} {spec}: {first_line(e)}") from None
 
 
 def sibling(config_file, name):

@@ -116,19 +116,40 @@ def prepare_training_host(config):
     """train.py's set-up of a single-process run, before JAX starts: freed memory kept
     mapped, while loops compiled whole, and one CPU device per core (capped by
     train.cpu_devices; 1 turns it off) when the batch and the config's mesh can use
-    them."""
+    them. Returns the lines to report: a train.cpu_devices this host or the batch
+    cannot honour, and the count used instead."""
     from jaxmix.errors import ConfigError
     from jaxmix.parallel.mesh import mesh_shape
     keep_freed_memory()
     compile_loops_whole()
-    n = devices_for_batch(config.train.batch_size, int(config.train.get("cpu_devices", 0)))
-    if n == 1:
-        return
+    cap, batch = int(config.train.get("cpu_devices", 0)), config.train.batch_size
+    n = devices_for_batch(batch, cap)
     try:
         mesh_shape(config.mesh, n)
     except ConfigError:  # a mesh fixed to other sizes: leave the devices as they are
-        return
-    use_cores_as_devices(n)
+        return []
+    if n > 1 and not use_cores_as_devices(n):
+        return []  # the device count was set another way (XLA_FLAGS, jax config)
+    using = f"using {n} CPU device{'s' if n > 1 else ''}"
+    if cap > cores():
+        return [f"train.cpu_devices={cap} is more than this host's {cores()} cores; {using}"]
+    if cap > 1 and n < cap:
+        return [f"train.cpu_devices={cap}: train.batch_size={batch} is not divisible by "
+                f"{cap}; {using}"]
+    return []
+
+
+def host_memory_bytes():
+    """This machine's memory as this process may use it: the physical memory, or a
+    smaller cgroup (container) limit."""
+    sizes = [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                sizes.append(int(f.read().strip()))
+        except (OSError, ValueError):  # absent, or "max" (no limit)
+            pass
+    return min(sizes)
 
 
 def on_cpu():

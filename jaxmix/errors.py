@@ -1,7 +1,6 @@
 """User-facing errors: one line naming the field and the fix."""
 import errno
 import json
-import sys
 
 
 class ConfigError(ValueError):
@@ -57,14 +56,3 @@ def read_json(path, field, fix):
     if not isinstance(data, dict):
         raise ConfigError(f"{field}: {path} is not a JSON object; {fix}")
     return data
-
-
-def exit_status(body):
-    """Runs a command's `body()`: exit status 0, or after one `error: ...` line on
-    stderr the status of the ConfigError (2) or WriteError (4) it raised."""
-    try:
-        body()
-    except (ConfigError, WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_status
-    return 0

@@ -8,7 +8,9 @@ own, never seen in training), the model's argmax prediction at every scored targ
 and two figures: `accuracy` (scored targets predicted right) and `exact` (examples
 with all their targets right). Results are printed as JSON lines and written, with
 a Markdown table and a plot of accuracy against length (log x-axis), to `--out`
-(default: the first workdir) as eval_<task>.jsonl / .md / .png.
+(default: the first workdir) as eval_<task>.jsonl / .md / .png; when those exist, as
+eval_<task>-2.* (-3, ...), so that no run replaces another's (`--overwrite` replaces
+eval_<task>.*). Every argument is checked before a model is loaded.
 
 Models whose layers are all recurrent (Mamba, Gated DeltaNet, MoM) run the sequence
 in chunks of `--chunk` tokens through their decode path, carrying the state: memory does not
@@ -20,7 +22,7 @@ reported as "skipped" (an allocation failure while running is reported as "OOM")
 A length whose examples would take longer than `--time-budget-s` stops early and
 reports how many examples it evaluated.
 """
-import argparse
+import itertools
 import json
 import os
 import sys
@@ -30,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmix import models
+from jaxmix import cli, models
 from jaxmix.data import synthetic
-from jaxmix.errors import ConfigError, exit_status
+from jaxmix.errors import ConfigError
 from jaxmix.train.step import scored_hits
 
 GIB = 2**30
@@ -190,28 +192,6 @@ def evaluate_length(scorer, name, args, length, *, examples, batch, seed, budget
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def check_lengths(name, args, lengths):
-    for length in lengths:
-        synthetic.check(name, args, length, what="--lengths")
-
-
-def load(workdir):
-    from jaxmix.workdir import load_workdir
-    if not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir}: no such folder")
-    return load_workdir(workdir)
-
-
-def task_settings(config, task):
-    """The task's settings from the workdir's config (data.synthetic), with the
-    defaults (synthetic.DEFAULTS) for a workdir trained on something else."""
-    from ml_collections import ConfigDict
-    settings = {**synthetic.DEFAULTS, **config.data.get("synthetic", ConfigDict()).to_dict()}
-    probe = ConfigDict({"data": {"source": f"synthetic:{task}", "synthetic": settings},
-                        "model": {"vocab_size": config.model.vocab_size}})
-    return probe
-
-
 # ----------------------------------------------------------------------------- outputs
 
 def label_of(workdirs):
@@ -259,37 +239,54 @@ def plot(path, task, labels, results):
     plt.close(fig)
 
 
+OUTPUT_SUFFIXES = (".jsonl", ".md", ".png")
+
+
+def output_base(out, task, overwrite):
+    """The path (without suffix) of this run's result files in folder `out`:
+    eval_<task>, or with earlier results there (and no `overwrite`) the first free
+    eval_<task>-N (N = 2, 3, ...), so that no run replaces another's files."""
+    base = os.path.join(out, f"eval_{task}")
+    if overwrite:
+        return base
+    for candidate in itertools.chain([base], (f"{base}-{n}" for n in itertools.count(2))):
+        if not any(os.path.exists(candidate + ext) for ext in OUTPUT_SUFFIXES):
+            return candidate
+
+
 # ----------------------------------------------------------------------------- CLI
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxmix.evaluate", description=__doc__.split(
-        "\n")[0])
-    p.add_argument("--workdir", action="append", required=True,
+def build_parser():
+    p = cli.Parser("python -m jaxmix.evaluate", __doc__.split("\n")[0])
+    p.add_argument("--workdir", type=cli.path, action="append", required=True,
                    help="a train.py workdir; repeat to compare models side by side")
-    p.add_argument("--task", default=None, help="synthetic task (default: the first "
-                   "workdir's data.source)")
-    p.add_argument("--lengths", required=True, help="e.g. 64,128,...,65536")
-    p.add_argument("--examples", type=int, default=64, help="examples per length")
-    p.add_argument("--batch", type=int, default=16, help="examples per forward pass")
-    p.add_argument("--chunk", type=int, default=4096,
+    p.add_argument("--task", choices=sorted(synthetic.TASKS), default=None,
+                   help="synthetic task (default: the first workdir's data.source)")
+    p.add_argument("--lengths", required=True, help="sequence lengths, e.g. 64,128,...,65536")
+    p.add_argument("--examples", type=cli.positive_int, default=64, help="examples per length")
+    p.add_argument("--batch", type=cli.positive_int, default=16,
+                   help="examples per forward pass (halved until the pass fits the budget)")
+    p.add_argument("--chunk", type=cli.positive_int, default=4096,
                    help="tokens per step of the recurrent path (Mamba, Gated DeltaNet, MoM)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-budget-gb", type=float, default=8.0)
-    p.add_argument("--time-budget-s", type=float, default=600.0,
-                   help="per model and length")
-    p.add_argument("--out", default=None, help="folder for the table and plot "
-                   "(default: the first workdir)")
-    from jaxmix import duo
-    duo.add_deploy_args(p)  # scores the per-head masked forward the two caches compute
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=cli.integer, default=0, help="seed of the examples")
+    p.add_argument("--memory-budget-gb", type=cli.positive_float, default=8.0,
+                   help="memory one forward pass may take (XLA's estimate)")
+    p.add_argument("--time-budget-s", type=cli.positive_float, default=600.0,
+                   help="seconds per model and length before it stops early")
+    p.add_argument("--out", type=cli.path, default=None,
+                   help="folder for the table and plot (default: the first workdir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace eval_<task>.* in the output folder instead of writing "
+                   "eval_<task>-N.*")
+    cli.add_duo_args(p)  # scores the per-head masked forward the two caches compute
+    return p
 
 
 def with_duo(a, label, model, params, config):
     """(label, model, params) with --duo applied: the per-head masked forward, i.e.
     what decoding every token with the two caches computes."""
-    from jaxmix import duo, models
-    cfg, params, retrieval = duo.deploy_from_args(a, config.model, params,
-                                                  config.train.get("seq_len"))
+    cfg, params, retrieval = cli.duo_deploy(a, config.model, params,
+                                            config.train.get("seq_len"))
     if retrieval is None:
         return label, model, params
     return (f"{label} duo {100 * retrieval.mean():.0f}% retrieval", models.build(cfg),
@@ -297,31 +294,38 @@ def with_duo(a, label, model, params, config):
 
 
 def check_args(a):
-    for field in ("examples", "batch", "chunk"):
-        if getattr(a, field) < 1:
-            raise ConfigError(f"--{field}={getattr(a, field)} must be positive")
-    if a.memory_budget_gb <= 0 or a.time_budget_s <= 0:
-        raise ConfigError("--memory-budget-gb and --time-budget-s must be positive")
+    """Every argument, before a model is loaded: (task, lengths, output base path)."""
+    from jaxmix.paths import check_output_folder
+    from jaxmix.workdir import open_workdir
+    lengths = parse_lengths(a.lengths)
+    configs = [open_workdir(w) for w in a.workdir]
+    task = a.task or configs[0].data.source.partition("synthetic:")[2]
+    if task not in synthetic.TASKS:
+        raise ConfigError(f"--task: {configs[0].data.source!r}, the first workdir's data, is "
+                          f"not a synthetic task; give --task, one of "
+                          f"{', '.join(synthetic.TASKS)}")
+    for workdir, config in zip(a.workdir, configs):
+        args = synthetic.task_args(synthetic.task_config(config, task))
+        for length in lengths:
+            try:
+                synthetic.check(task, args, length, what="--lengths")
+            except ConfigError as e:
+                raise ConfigError(f"--workdir {workdir}: {e}") from None
+    cli.check_duo_args(a)
+    out = a.out or a.workdir[0]
+    check_output_folder(out, "--out", "give another --out")
+    return task, lengths, output_base(out, task, a.overwrite)
 
 
 def run(a):
-    check_args(a)
-    lengths = parse_lengths(a.lengths)
-    if a.task is not None and a.task not in synthetic.TASKS:
-        raise ConfigError(f"--task: {a.task!r} is not a synthetic task; use one of "
-                          f"{', '.join(synthetic.TASKS)}")
-    loaded = [load(w) for w in a.workdir]
-    task = a.task or loaded[0][2].data.source.partition("synthetic:")[2]
-    if task not in synthetic.TASKS:
-        raise ConfigError(f"--task: {task!r} is not a synthetic task; use one of "
-                          f"{', '.join(synthetic.TASKS)}")
+    from jaxmix.workdir import load_workdir
+    task, lengths, base = check_args(a)
     labels, results = [], []
-    for label, (model, params, config) in zip(label_of(a.workdir), loaded):
+    for label, workdir in zip(label_of(a.workdir), a.workdir):
+        model, params, config = load_workdir(workdir)
         label, model, params = with_duo(a, label, model, params, config)
         labels.append(label)
-        probe = task_settings(config, task)
-        check_lengths(task, synthetic.task_args(probe), lengths)
-        args = synthetic.task_args(probe, "val")
+        args = synthetic.task_args(synthetic.task_config(config, task), "val")
         scorer = Scorer(model, params, a.chunk)
         rows = []
         for length in lengths:
@@ -332,9 +336,7 @@ def run(a):
             print(json.dumps(row), flush=True)
             rows.append(row)
         results.append(rows)
-    out = a.out or a.workdir[0]
-    os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, f"eval_{task}")
+    os.makedirs(os.path.dirname(base), exist_ok=True)
     with open(base + ".jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for rows in results for r in rows)
     table = markdown(task, labels, results, lengths)
@@ -346,10 +348,7 @@ def run(a):
 
 
 def main(argv=None):
-    a = parse_args(argv)
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on unread items
-    return exit_status(lambda: run(a))
+    return cli.main(build_parser(), argv, run, "interrupted; no results were written")
 
 
 if __name__ == "__main__":

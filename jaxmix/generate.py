@@ -11,7 +11,6 @@ error before anything runs. The prompt can be prefilled in chunks (`prefill_chun
   python -m jaxmix.generate --workdir runs/passkey --duo runs/passkey/duo_heads.json \
       --sparsity 0.5 --prompt "..."
 """
-import argparse
 import functools
 import os
 import sys
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmix import duo, models, workdir
+from jaxmix import cli, models, workdir
 from jaxmix.errors import ConfigError
 from jaxmix.nn import compute_dtype
 
@@ -196,54 +195,71 @@ def load_for_decoding(a):
     model, params, config = workdir.load_workdir(a.workdir)
     model_cfg = models.normalize_config(config.model)
     if a.max_cache_len is not None:
-        if a.max_cache_len < 1:
-            raise ConfigError(f"--max_cache_len={a.max_cache_len} must be positive")
         set_max_cache_len(model_cfg, a.max_cache_len)
-    model_cfg, params, _ = duo.deploy_from_args(a, model_cfg, params,
-                                                config.train.get("seq_len"))
+    model_cfg, params, _ = cli.duo_deploy(a, model_cfg, params, config.train.get("seq_len"))
     config.model = model_cfg
     return models.build(model_cfg), params, config
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jaxmix.generate",
-                                description="Sample text from a jaxmix workdir.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_cache_len", type=int, default=None,
-                   help="tokens a full KV cache may hold (default: the model's)")
-    p.add_argument("--prefill_chunk", type=int, default=None,
-                   help="prefill the prompt in chunks of this many tokens")
-    duo.add_deploy_args(p)
-    a = p.parse_args(argv)
-    try:
-        check_sampling(a.temperature, a.top_k, a.top_p, a.max_new_tokens)
-        model, params, config = load_for_decoding(a)
-        kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                  top_p=a.top_p, rng=jax.random.PRNGKey(a.seed),
-                  prefill_chunk=a.prefill_chunk)
-        tok = _tokenizer(a.workdir)
-        if tok is None and config.model.vocab_size == 256:
-            text = sample_text(model, params, a.prompt, **kw)
-        else:
-            if tok is None:
-                raise ConfigError(f"--workdir {a.workdir}: vocab_size={config.model.vocab_size} "
-                                  f"needs a tokenizer in {os.path.join(a.workdir, 'tokenizer')}; "
-                                  f"convert from a Hugging Face directory that holds "
-                                  f"tokenizer.json, or put the tokenizer the model was "
-                                  f"trained with (its tokenizer.json) there")
-            ids = encode_prompt(tok, a.prompt, config.model.vocab_size)
-            text = tok.decode(np.asarray(generate(model, params, ids, **kw))[0])
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def build_parser():
+    p = cli.Parser("python -m jaxmix.generate", "Sample text from a jaxmix workdir's "
+                   "language model (its tokenizer, or bytes).")
+    p.add_argument("--workdir", type=cli.path, required=True,
+                   help="a train.py workdir, or one made by `python -m jaxmix.convert`")
+    p.add_argument("--prompt", default="",
+                   help="the text to continue; an empty prompt starts from a newline")
+    p.add_argument("--max_new_tokens", type=cli.positive_int, default=200,
+                   help="tokens to generate")
+    p.add_argument("--temperature", type=cli.nonneg_float, default=1.0,
+                   help="sampling temperature; 0 is greedy decoding")
+    p.add_argument("--top_k", type=cli.nonneg_int, default=0,
+                   help="sample from the k most likely tokens only; 0 = all")
+    p.add_argument("--top_p", type=cli.probability, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens holding this much "
+                   "probability; 1 = all")
+    p.add_argument("--seed", type=cli.integer, default=0, help="sampling seed")
+    p.add_argument("--max_cache_len", type=cli.positive_int, default=None,
+                   help="tokens a full KV cache may hold (default: the model's own)")
+    p.add_argument("--prefill_chunk", type=cli.positive_int, default=None,
+                   help="prefill the prompt in chunks of this many tokens (default: in "
+                   "one piece)")
+    cli.add_duo_args(p)
+    return p
+
+
+def check_args(a):
+    """Everything about the arguments that can be checked before loading the model:
+    the workdir, the DuoAttention flags, a tokenizer for a non-byte vocabulary."""
+    config = workdir.open_workdir(a.workdir)
+    cli.check_duo_args(a)
+    vocab = int(config.model.vocab_size)
+    if vocab != 256 and _tokenizer(a.workdir) is None:
+        raise ConfigError(f"--workdir {a.workdir}: vocab_size={vocab} needs a tokenizer in "
+                          f"{os.path.join(a.workdir, 'tokenizer')}; convert from a Hugging "
+                          f"Face directory that holds tokenizer.json, or put the tokenizer "
+                          f"the model was trained with (its tokenizer.json) there")
+    if a.top_k > vocab:
+        cli.warn(f"--top_k={a.top_k} is more than the model's {vocab} tokens; sampling "
+                 f"from all of them")
+
+
+def run(a):
+    check_args(a)
+    model, params, config = load_for_decoding(a)
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+              top_k=a.top_k or None, top_p=a.top_p, rng=jax.random.PRNGKey(a.seed),
+              prefill_chunk=a.prefill_chunk)
+    tok = _tokenizer(a.workdir)
+    if tok is None:
+        text = sample_text(model, params, a.prompt, **kw)
+    else:
+        ids = encode_prompt(tok, a.prompt, config.model.vocab_size)
+        text = tok.decode(np.asarray(generate(model, params, ids, **kw))[0])
     print(a.prompt + text)
-    return 0
+
+
+def main(argv=None):
+    return cli.main(build_parser(), argv, run)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,17 @@ whatever shardings the current mesh wants, so a checkpoint written under one mes
 process count restores under another. The data iterator's state is saved per process
 (grain's handler); when the process count changed it cannot be used, and the caller
 re-positions the data by step instead.
+
+config.json's `jaxmix_workdir` section says who wrote the folder: "trained" (train.py)
+or "converted" (`python -m jaxmix.convert --from-hf`, with the source folder). A
+command writes only into a folder that is new, empty, or one of its own kind
+(`inspect_folder` tells which a folder is); a converted model is never trained over.
 """
+import dataclasses
 import json
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -32,9 +39,17 @@ def plain(tree):
     return json.loads(json.dumps(tree, sort_keys=True, default=list))
 
 
-def write_config(config, workdir):
+ORIGIN = "jaxmix_workdir"
+TRAINED, CONVERTED = "trained", "converted"
+
+
+def write_config(config, workdir, kind=TRAINED, **origin):
+    """config.json: the run config and its `jaxmix_workdir` section ({"kind": kind,
+    **origin})."""
+    tree = plain(config.to_dict())
+    tree[ORIGIN] = {"kind": kind, **origin}
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(json.dumps(plain(config.to_dict()), indent=2))
+        f.write(json.dumps(tree, indent=2))
 
 
 RESTORE_CONFIG = ("it holds the run's config: put back a good copy, or delete the workdir "
@@ -53,12 +68,111 @@ def read_config(workdir):
     return config
 
 
+# ----------------------------------------------------------------------------- folder kinds
+
+# What jaxmix commands write into a workdir: train.py (config.json, metrics.jsonl,
+# checkpoints/, tokenizer/, loss.png, tensorboard/), `python -m jaxmix.evaluate`
+# (eval_<task>[-N].jsonl/.md/.png) and `python -m jaxmix.duo identify` (duo_heads.*).
+OWN_NAMES = re.compile(r"config\.json|metrics\.jsonl|checkpoints|tokenizer|loss\.png|"
+                       r"tensorboard|duo_heads\.(json|png)(\.tmp)?|"
+                       r"eval_\w+?(-\d+)?\.(jsonl|md|png)")
+HF_MODEL_FILES = re.compile(r".*\.(safetensors|bin|gguf)|.*\.index\.json|"
+                            r"generation_config\.json|tokenizer(_config)?\.json|"
+                            r"special_tokens_map\.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    """What a folder is: kind "missing", "file", "empty", "trained" (a train.py
+    workdir), "converted" (a `jaxmix.convert --from-hf` workdir), "hf" (a Hugging Face
+    model) or "other" (anything else). `detail`: a converted workdir's source, an HF
+    model's model_type, or the name in an "other" folder that shows it is not a
+    workdir."""
+    path: str
+    kind: str
+    detail: str = ""
+
+
+def _json_object(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def inspect_folder(path):
+    """The `Folder` at `path` (a folder this process can list). A config.json with a
+    `model` section makes a jaxmix workdir, whatever else the folder holds; without
+    one, a folder holding only what jaxmix commands write (the leftovers of a run cut
+    short) counts as a train.py workdir."""
+    if not os.path.lexists(path):
+        return Folder(path, "missing")
+    if not os.path.isdir(path):
+        return Folder(path, "file")
+    names = sorted(os.listdir(path))
+    if not names:
+        return Folder(path, "empty")
+    config = _json_object(os.path.join(path, "config.json"))
+    if config is not None and "model" not in config:  # another program's config.json
+        hf = "model_type" in config or "architectures" in config
+        return Folder(path, "hf" if hf else "other",
+                      str(config.get("model_type", "")) if hf else "config.json")
+    if config is None:
+        foreign = [n for n in names if not OWN_NAMES.fullmatch(n)]
+        if any(HF_MODEL_FILES.fullmatch(n) for n in foreign):
+            return Folder(path, "hf")
+        if foreign:
+            return Folder(path, "other", foreign[0])
+    origin = (config or {}).get(ORIGIN) or {}
+    kind = origin.get("kind")
+    if kind not in (TRAINED, CONVERTED):  # written before the section existed
+        converted = ("metrics.jsonl" not in names
+                     and checkpoint_steps(os.path.join(path, "checkpoints")) == [0])
+        kind = CONVERTED if converted else TRAINED
+    return Folder(path, kind, str(origin.get("source", "")))
+
+
 def is_workdir(path):
-    """A jaxmix workdir: config.json with a `model` section and a checkpoints folder."""
-    cfg_path = os.path.join(path, "config.json")
-    if not (os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(cfg_path)):
-        return False
-    return "model" in read_json(cfg_path, path, RESTORE_CONFIG)
+    """A jaxmix workdir (trained or converted): its config.json has a model section."""
+    return "model" in (_json_object(os.path.join(path, "config.json")) or {})
+
+
+IMPORT_FIRST = "import it first: python -m jaxmix.convert --from-hf {path} --out runs/NAME"
+
+
+def open_workdir(path, flag="--workdir", family="lm"):
+    """The config of the workdir a command reads a model from, checked before any work:
+    a readable jaxmix workdir (not an HF model or another folder) of `family` with a
+    checkpoint. Every problem is a one-line ConfigError naming `flag` and the fix."""
+    what = ("give a train.py workdir (or one made by `python -m jaxmix.convert "
+            "--from-hf`)")
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} is not readable; fix its permissions")
+    folder = inspect_folder(path)
+    if folder.kind == "missing":
+        raise ConfigError(f"{flag} {path}: no such folder; {what}")
+    if folder.kind == "file":
+        raise ConfigError(f"{flag} {path} is a file, not a workdir; {what}")
+    if folder.kind == "hf":
+        raise ConfigError(f"{flag} {path} holds a Hugging Face model, not a jaxmix "
+                          f"workdir; {IMPORT_FIRST.format(path=path)}")
+    if folder.kind in ("empty", "other") or not os.path.exists(
+            os.path.join(path, "config.json")):
+        raise ConfigError(f"{flag} {path} is not a jaxmix workdir (no config.json with a "
+                          f"model section); {what}")
+    config = read_config(path)
+    found = config.model.get("family", "lm")
+    if found != family:
+        noun = {"lm": "a language model", "encoder": "an encoder"}
+        raise ConfigError(f"{flag} {path} holds {noun.get(found, repr(found))} "
+                          f"(model.family={found!r}); this command needs "
+                          f"{noun.get(family, repr(family))}")
+    if not checkpoint_steps(os.path.join(path, "checkpoints")):
+        raise ConfigError(f"{flag} {path}: no checkpoint there yet; train first "
+                          f"(train.py saves every train.checkpoint_every steps)")
+    return config
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -206,13 +320,9 @@ def check_params(model, params, where):
 
 def load_workdir(workdir, step=None, family="lm"):
     """(model, params, config) from a workdir: its config.json and the params of its
-    latest (or `step`'s) checkpoint; the optimizer state is not read. A model of another
-    `family` is a one-line error (sampling and evaluation need a language model)."""
-    config = read_config(workdir)
-    found = config.model.get("family", "lm")
-    if found != family:
-        raise ConfigError(f"--workdir {workdir} holds a model of family {found!r}; this "
-                          f"command needs model.family={family!r}")
+    latest (or `step`'s) checkpoint; the optimizer state is not read. Anything but a
+    workdir of a `family` model with a checkpoint is a one-line error (`open_workdir`)."""
+    config = open_workdir(workdir, family=family)
     model = models.build(config.model)
     params, _ = restore_params(os.path.join(workdir, "checkpoints"), step)
     check_params(model, params, f"--workdir {workdir}")

@@ -1,17 +1,21 @@
-"""Runs train.py's command line once per case, cheaply: `python cli_driver.py CASES.json`.
+"""Runs jaxmix's command lines once per case, cheaply: `python cli_driver.py CASES.json`.
 
-The driver imports train.py and the libraries it uses once, without starting a JAX
-backend, then forks a child per case. The child sets the case's environment, puts its
-stdout and stderr in files and runs train.py's entry point exactly as `python train.py
-ARGS` does (`absl.app.run(train.main, flags_parser=train.parse_flags)`); its exit
-status is the case's. A case costs its own work, not another second of imports.
+The driver imports train.py, the other command-line modules and the libraries they use
+once, without starting a JAX backend, then forks a child per case. The child sets the
+case's environment, puts its stdout and stderr in files and runs the case's command:
+train.py's entry point exactly as `python train.py ARGS` does
+(`absl.app.run(train.main, flags_parser=train.parse_flags)`), or another command's
+`main(ARGS)` as `python -m MODULE ARGS` does; its exit status is the case's. A case
+costs its own work, not another second of imports.
 
 As root (who reads and writes any file) the driver first re-executes itself without
 CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that file modes hold for the cases as
 for any other user: an unreadable file is unreadable.
 
-CASES.json: [{"argv": [...], "env": {...}, "out": PREFIX}, ...]; each child writes
-PREFIX.stdout, PREFIX.stderr and PREFIX.status.
+CASES.json: [{"argv": [...], "env": {...}, "out": PREFIX, "cli": MODULE}, ...]
+("cli": "train" or absent for train.py, else the module holding the command's `main`,
+e.g. "jaxmix.generate"); each child writes PREFIX.stdout, PREFIX.stderr and
+PREFIX.status.
 """
 import json
 import os
@@ -39,27 +43,37 @@ def drop_dac_override():
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
-def preload():
-    """train.py (its absl flags are defined at import) and what a run imports later."""
+def preload(cases):
+    """train.py (its absl flags are defined at import), what a run imports later and
+    the modules of the other commands the cases run."""
     import importlib
     sys.path.insert(0, ROOT)
     for name in ("jaxmix.train.loop", "jaxmix.data.text", "jaxmix.hf"):
         importlib.import_module(name)
+    for name in {c["cli"] for c in cases if c.get("cli", "train") != "train"}:
+        importlib.import_module(name)
     return importlib.import_module("train")
 
 
-def child(train, case):
+def run_command(train, case):
+    """The case's command in this process; returns its exit status."""
+    if case.get("cli", "train") != "train":
+        return sys.modules[case["cli"]].main(case["argv"])
     from absl import app
+    sys.argv = [os.path.join(ROOT, "train.py"), *case["argv"]]
+    app.run(train.main, flags_parser=train.parse_flags)
+    return 0
+
+
+def child(train, case):
     os.environ.update(case.get("env", {}))
     for fd, suffix in ((1, "stdout"), (2, "stderr")):
         out = os.open(f"{case['out']}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(out, fd)
         os.close(out)
-    sys.argv = [os.path.join(ROOT, "train.py"), *case["argv"]]
     status = 1
     try:
-        app.run(train.main, flags_parser=train.parse_flags)
-        status = 0
+        status = run_command(train, case)
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - as the interpreter would: traceback, status 1
@@ -85,9 +99,9 @@ def wait(pid):
 
 def main(path):
     drop_dac_override()
-    train = preload()
     with open(path) as f:
         cases = json.load(f)
+    train = preload(cases)
     for case in cases:
         pid = os.fork()
         if pid == 0:

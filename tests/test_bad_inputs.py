@@ -1,32 +1,24 @@
 """Bad input through train.py's command line, systematically: every case must exit with
 status 2 after exactly one `error:` line that names the field and the fix, print no
 traceback, and write nothing into the workdir it was given (an existing one, left
-byte for byte as it was) or create one.
+byte for byte as it was) or create one. That includes workdirs train.py must never
+write into: a Hugging Face model, a converted model, a folder of other files, the
+init_from folder.
 
 The cases run through tests/cli_driver.py (train.py's entry point in a forked child
 per case, its libraries imported once; as root, without the capabilities that bypass
-file modes); test_train_cli.py runs a few through a fresh `python train.py` too."""
+file modes); test_train_cli.py runs a few through a fresh `python train.py` too. The
+other command lines' cases are in test_cli_bad_inputs.py."""
 import json
 import os
-import pathlib
 import shutil
-import subprocess
-import sys
 
-from conftest import ROOT, run_train, subprocess_env
+from cli_cases import one_line_problem, run_driver, snapshot, write
+from conftest import ROOT, run_train
 
 SMOKE = ["--config", "configs/mamba_lm.py:smoke"]
 HF_CONFIG = {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2,
              "vocab_size": 256, "state_size": 4, "conv_kernel": 4, "expand": 2}
-
-
-def write(path, text, mode=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    if mode is not None:
-        os.chmod(path, mode)
-    return path
 
 
 def hf_dir(d, config):
@@ -49,13 +41,36 @@ def init_from_workdir_without_checkpoints(d):
 
 
 def case(args, needles, setup=None, workdir="empty", env=None):
-    """A bad-input case: train.py arguments after the smoke config ({d} is the case's
-    folder, {trained} a trained smoke workdir), the strings its error line must hold, a
-    setup(d) making its files, and its --workdir: "empty" (an existing folder holding
-    notes.txt; "empty-unwritable" / "empty-unreadable" with mode 555 / 000), "trained"
-    (a copy of a trained smoke workdir) or "new-in-locked" (a new folder inside an
-    unwritable one)."""
+    """A bad-input case: train.py arguments after the smoke config (unless they give a
+    --config of their own; {d} is the case's folder, {trained} a trained smoke workdir,
+    {workdir} the case's --workdir), the strings its error line must hold, a setup(d)
+    making its files, and its --workdir: "empty" (an existing empty folder;
+    "empty-unwritable" / "empty-unreadable" with mode 555 / 000), "trained" (a copy of
+    a trained smoke workdir), "converted" (the same, marked as made by `python -m
+    jaxmix.convert`), "hf" (a Hugging Face model folder), "other" (a folder holding
+    notes.txt), "inside-trained" (a new folder inside a trained workdir) or
+    "new-in-locked" (a new folder inside an unwritable one)."""
     return dict(args=args, needles=needles, setup=setup, workdir=workdir, env=env or {})
+
+
+def make_workdir(kind, workdir, trained):
+    """The case's --workdir of `kind` (see `case`), before its setup runs."""
+    if kind in ("trained", "converted"):
+        shutil.copytree(trained, workdir)
+    if kind == "converted":
+        config = json.loads((workdir / "config.json").read_text())
+        config["jaxmix_workdir"] = {"kind": "converted", "source": "/models/hf"}
+        (workdir / "config.json").write_text(json.dumps(config))
+    elif kind.startswith("empty"):
+        workdir.mkdir(parents=True)
+    elif kind == "hf":
+        write(f"{workdir}/config.json", json.dumps(HF_CONFIG))
+        (workdir / "model.safetensors").write_bytes(b"weights")
+        write(f"{workdir}/tokenizer.json", "{}")
+    elif kind == "other":
+        write(f"{workdir}/notes.txt", "mine")
+    elif kind == "new-in-locked":
+        workdir.parent.mkdir()
 
 
 CASES = {
@@ -168,22 +183,21 @@ CASES = {
     "init_from_hf_config_missing_a_field": case(
         ["--config.init_from={d}/hf"], ["init_from", "hidden_size"],
         lambda d: hf_dir(d, {k: v for k, v in HF_CONFIG.items() if k != "hidden_size"})),
+    # folders a run must never write into
+    "workdir_a_hugging_face_model": case([], ["--workdir", "Hugging Face", "init_from"],
+                                         workdir="hf"),
+    "workdir_a_converted_model": case([], ["--workdir", "converted", "finetune.py"],
+                                      workdir="converted"),
+    "workdir_of_other_files": case([], ["--workdir", "notes.txt", "new or empty folder"],
+                                   workdir="other"),
+    "workdir_is_init_from": case(["--config.init_from={workdir}"],
+                                 ["--workdir", "init_from", "another --workdir"],
+                                 workdir="trained"),
+    "workdir_inside_init_from": case(["--config.init_from={d}/run"],
+                                     ["--workdir", "init_from"], workdir="inside-trained"),
+    "finetune_into_its_source": case(["--config=configs/finetune.py:{workdir}"],
+                                     ["--workdir", "init_from"], workdir="converted"),
 }
-
-
-def snapshot(path):
-    """Every file and folder under `path`: its mode, and its bytes for files."""
-    if not os.path.lexists(path):
-        return None
-    os.chmod(path, os.stat(path).st_mode | 0o700)  # to look inside a sealed case
-    found = {}
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            full = os.path.join(root, name)
-            st = os.lstat(full)
-            found[os.path.relpath(full, path)] = (
-                st.st_mode, pathlib.Path(full).read_bytes() if name in files else None)
-    return found
 
 
 def run_cases(trained, base):
@@ -195,55 +209,27 @@ def run_cases(trained, base):
         d.mkdir()
         kind = c["workdir"]
         workdir = d / "locked" / "run" if kind == "new-in-locked" else d / "run"
-        if kind == "trained":
-            shutil.copytree(trained, workdir)
-        elif kind.startswith("empty"):
-            write(f"{workdir}/notes.txt", "mine")
-        if kind == "new-in-locked":
-            workdir.parent.mkdir()
+        watch = workdir
+        if kind == "inside-trained":  # a new folder inside a trained workdir, the init_from
+            make_workdir("trained", workdir, trained)
+            workdir = workdir / "ft"
+        else:
+            make_workdir(kind, workdir, trained)
         if c["setup"] is not None:
             c["setup"](str(d))
-        before[name] = snapshot(workdir)
+        before[name] = snapshot(watch)
         if kind == "new-in-locked":
             os.chmod(workdir.parent, 0o555)
         if kind in ("empty-unwritable", "empty-unreadable"):
             os.chmod(workdir, 0o555 if kind == "empty-unwritable" else 0)
+        args = c["args"] if any(a.startswith("--config=") for a in c["args"]) else \
+            [*SMOKE, *c["args"]]
         argv = [a.replace("{d}", str(d)).replace("{trained}", str(trained))
-                for a in [*SMOKE, *c["args"], "--workdir", str(workdir)]]
-        runs.append({"argv": argv, "env": c["env"], "out": str(d / "out"),
-                     "workdir": str(workdir)})
-    spec = base / "cases.json"
-    spec.write_text(json.dumps(runs))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_driver.py"),
-                           str(spec)], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = {}
-    for name, run in zip(CASES, runs, strict=True):
-        with open(f"{run['out']}.status") as f:
-            status = f.read()
-        with open(f"{run['out']}.stderr") as f:
-            err = f.read()
-        out[name] = (status, err, before[name], snapshot(run["workdir"]))
-    return out
-
-
-def problem(case, status, err, before, after):
-    """What is wrong with one case's outcome, or None."""
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    last = ([line for line in err.splitlines() if line.strip()] or [""])[-1]
-    if "Traceback" in err:
-        return f"a traceback: {err[-1500:]}"
-    if len(errors) != 1 or last != errors[0]:
-        return f"not exactly one error line, last: {err[-1500:]}"
-    missing = [n for n in CASES[case]["needles"] if n not in last]
-    if missing:
-        return f"{missing} not in {last!r}"
-    if status != "2":
-        return f"exit status {status}: {last}"
-    if after != before:
-        return f"the workdir changed: {sorted(set(after or {}) ^ set(before or {}))}"
-    return None
+                .replace("{workdir}", str(workdir)) for a in [*args, "--workdir", str(workdir)]]
+        runs.append({"argv": argv, "env": c["env"], "out": str(d / "out"), "watch": str(watch)})
+    results = run_driver(runs, base / "cases.json")
+    return {name: (status, err, before[name], snapshot(run["watch"]))
+            for name, run, (status, _, err) in zip(CASES, runs, results, strict=True)}
 
 
 def test_every_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
@@ -254,6 +240,7 @@ def test_every_bad_input_is_one_error_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp_path / "cases").mkdir()
     results = run_cases(trained, tmp_path / "cases")
-    problems = {case: problem(case, *outcome) for case, outcome in results.items()}
+    problems = {case: one_line_problem(CASES[case]["needles"], *outcome)
+                for case, outcome in results.items()}
     problems = {case: p for case, p in problems.items() if p is not None}
     assert not problems, "\n".join(f"{case}: {p}" for case, p in problems.items())

@@ -189,7 +189,7 @@ def test_trainer_restores_converted_workdir(hf_dirs, tmp_path):
     from jaxmix import parallel
     from jaxmix.train import optimizer
     from jaxmix.train import state as state_lib
-    config = convert.from_hf(directory, str(tmp_path))
+    config, _ = convert.from_hf(directory, str(tmp_path))
     lm = models.build(config.model)
     tx, _ = optimizer.make(config.train)
     mesh = parallel.make_mesh(config.mesh)
@@ -257,3 +257,56 @@ def test_duo_attention_on_imported_llama(hf_dirs, name):
         logits, _, cache = step(cache, jnp.asarray(ids[:, t:t + 1]))
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip_with_tokenizer_loads_in_transformers(tmp_path, capsys):
+    """HF -> jaxmix -> HF: the exported folder loads with transformers' Auto classes,
+    its tokenizer encodes as the source's, and the model gives the source's logits."""
+    from bpe import train_bpe
+    source, work, back = tmp_path / "hf", tmp_path / "work", tmp_path / "back"
+    model = hf_model("mamba", dict(MAMBA, vocab_size=512))
+    model.save_pretrained(source)
+    train_bpe(source, vocab_size=512, n_files=40)
+    assert convert_main(["--from-hf", str(source), "--out", str(work)]) == 0
+    assert "tokenizer files copied" in capsys.readouterr().out
+    config = json.loads((work / "config.json").read_text())
+    assert config["jaxmix_workdir"] == {"kind": "converted", "source": str(source)}
+    assert config["data"]["tokenizer"] == str(work / "tokenizer")
+    assert convert_main(["--to-hf", str(back), "--workdir", str(work)]) == 0
+    assert "the workdir's tokenizer" in capsys.readouterr().out
+    text = "def add(a, b):\n    return a + b  # 3 + 4 = 7\n"
+    want_tok = transformers.AutoTokenizer.from_pretrained(str(source))
+    got_tok = transformers.AutoTokenizer.from_pretrained(str(back))
+    ids = got_tok(text)["input_ids"]
+    assert ids == want_tok(text)["input_ids"] and len(ids) > 5
+    assert got_tok.decode(ids) == text
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(back)).eval()
+    batch = np.asarray([ids])
+    assert np.abs(hf_logits(reloaded, batch) - hf_logits(model, batch)).max() == 0.0
+    assert sorted(os.listdir(back)) == ["config.json", "model.safetensors",
+                                        "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_byte_level_export_has_a_byte_tokenizer(tmp_path, capsys):
+    """A byte-level workdir exports a tokenizer whose token i is byte i, so the HF model
+    reads text exactly as the jaxmix model does."""
+    cfg, _, _ = _jaxmix_model("mamba")
+    cfg.update(vocab_size=256)
+    lm = models.build(cfg)
+    rs = np.random.RandomState(0)
+    params = jax.tree.map(lambda s: (0.1 * rs.standard_normal(s.shape)).astype(s.dtype),
+                          models.abstract_params(lm))
+    import mamba_lm
+    config = mamba_lm.get_config("smoke")
+    config.model = cfg
+    convert.write_workdir(str(tmp_path / "work"), config, params)
+    assert convert_main(["--to-hf", str(tmp_path / "back"), "--workdir",
+                         str(tmp_path / "work")]) == 0
+    assert "byte-level tokenizer" in capsys.readouterr().out
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))
+    text = "héllo, wörld \x00\x7f 日本"
+    ids = tok(text)["input_ids"]
+    assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
+    ours, _ = lm.apply({"params": params}, jnp.asarray([ids]))
+    assert np.abs(np.asarray(ours)[..., :256] - hf_logits(model, np.asarray([ids]))).max() <= 1e-4

@@ -62,7 +62,7 @@ def test_shapes_dtypes_and_determinism(text_source):
         np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(x, z)
     line = p1.describe()
-    assert "\n" not in line and "24 files" in line
+    assert "\n" not in line and "24 files" in line and line.startswith("text:")
 
 
 def test_seed_changes_order(text_source):

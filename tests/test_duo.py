@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxmix import duo, models
+from jaxmix.duo import __main__ as duo_cli
 from jaxmix import generate as gen
 from jaxmix.errors import ConfigError
 from jaxmix.mixers.attention import Attention
@@ -190,7 +191,7 @@ def errors_of(capsys):
 
 @pytest.mark.slow
 def test_identify_and_generate_cli(workdir, capsys):
-    assert duo.main(["identify", "--workdir", workdir, "--steps", "4", "--batch", "2",
+    assert duo_cli.main(["identify", "--workdir", workdir, "--steps", "4", "--batch", "2",
                      "--sink", "16", "--recent", "32"]) == 0
     data = json.load(open(os.path.join(workdir, "duo_heads.json")))
     alpha = np.asarray(data["alpha"])
@@ -224,6 +225,6 @@ def test_identify_and_generate_cli(workdir, capsys):
     assert row["status"] == "ok" and row["workdir"].endswith("duo 50% retrieval")
     for argv, field in ((["--steps", "0"], "--steps"), (["--seq_len", "100"], "--seq_len"),
                         (["--sink", "-1"], "--sink")):
-        assert duo.main(["identify", "--workdir", workdir] + argv) == 2
+        assert duo_cli.main(["identify", "--workdir", workdir] + argv) == 2
         errors, err = errors_of(capsys)
         assert len(errors) == 1 and field in errors[0], err

@@ -241,7 +241,8 @@ def test_lm_commands_refuse_an_encoder_workdir(tmp_path):
     one line."""
     from jaxmix import workdir
     workdir.write_config(tiny_audio_config("ssamba"), str(tmp_path))
-    with pytest.raises(ConfigError, match="family 'encoder'.*model.family='lm'"):
+    with pytest.raises(ConfigError, match="holds an encoder .model.family='encoder'.; this "
+                                          "command needs a language model"):
         workdir.load_workdir(str(tmp_path))
 
 

@@ -221,3 +221,33 @@ def test_init_from_workdir_and_sample(straight_run, tmp_path):
     assert "--- sample ---" in proc.stdout
     # Starts from the trained weights: far below a fresh model's first loss.
     assert losses(tmp_path)[2] < losses(straight_run)[2] - 0.3
+
+
+@pytest.mark.slow
+def test_finetune_without_workdir_leaves_the_source_as_it_was(straight_run, tmp_path):
+    """configs/finetune.py:MODEL with no --workdir trains in runs/finetune-<MODEL's
+    name> under the current folder; MODEL (here a converted workdir) stays byte for
+    byte as it was, and train.py refuses to train inside it."""
+    from cli_cases import snapshot
+    from jaxmix.convert import write_workdir
+    source = tmp_path / "imported"
+    config = workdir_lib.read_config(str(straight_run))
+    params, _ = workdir_lib.restore_params(str(straight_run / "checkpoints"))
+    write_workdir(str(source), config, params, source="/models/hf")
+    before = snapshot(source)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+           f"{ROOT}/configs/finetune.py:imported", "--config.train.steps=2",
+           "--config.train.batch_size=4", "--config.train.seq_len=32",
+           "--config.train.eval_every=2", "--config.train.eval_batches=1",
+           "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0",
+           "--config.sample_at_end=False"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialised params from imported" in proc.stderr
+    assert checkpoint_steps(tmp_path / "runs" / "finetune-imported") == [2]
+    assert snapshot(source) == before
+    inside = subprocess.run(cmd + ["--workdir", "imported"], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    one_line_error(inside, "--workdir imported", "init_from")
+    assert snapshot(source) == before

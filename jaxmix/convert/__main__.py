@@ -1,37 +1,55 @@
 """python -m jaxmix.convert --from-hf HF_DIR --out WORKDIR
    python -m jaxmix.convert --to-hf HF_DIR --workdir WORKDIR"""
-import argparse
 import sys
 
-from jaxmix.errors import exit_status
+from jaxmix import cli
+from jaxmix.errors import ConfigError
+
+
+def build_parser():
+    p = cli.Parser("python -m jaxmix.convert", "Convert Hugging Face checkpoints to and "
+                   "from jaxmix workdirs (Mamba and Llama-style models).")
+    p.add_argument("--from-hf", dest="from_hf", type=cli.path, default=None,
+                   help="import: a Hugging Face model folder to read (default: none)")
+    p.add_argument("--out", type=cli.path, default=None,
+                   help="import: the new jaxmix workdir, a new or empty folder "
+                   "(default: none; needed with --from-hf)")
+    p.add_argument("--to-hf", dest="to_hf", type=cli.path, default=None,
+                   help="export: the Hugging Face model folder to write, new or empty "
+                   "(default: none)")
+    p.add_argument("--workdir", type=cli.path, default=None,
+                   help="export: the jaxmix workdir to read (default: none; needed with "
+                   "--to-hf)")
+    return p
+
+
+def convert(a):
+    from jaxmix import convert as lib
+    if bool(a.from_hf) == bool(a.to_hf):
+        raise ConfigError("give exactly one of --from-hf DIR --out WORKDIR or --to-hf DIR "
+                          "--workdir WORKDIR")
+    if a.from_hf and (not a.out or a.workdir):
+        raise ConfigError("--from-hf takes --out WORKDIR (and no --workdir)")
+    if a.to_hf and (not a.workdir or a.out):
+        raise ConfigError("--to-hf takes --workdir WORKDIR (and no --out)")
+    if a.from_hf:
+        config, names = lib.from_hf(a.from_hf, a.out)
+        m = config.model
+        print(f"wrote {a.out}: {'+'.join(dict.fromkeys(m.mixer_pattern))} x "
+              f"{m.n_layers} layers, d_model {m.d_model}, vocabulary {m.vocab_size}; "
+              + (f"tokenizer files copied to {a.out}/tokenizer" if names else
+                 "no tokenizer files in the source")
+              + f". Sample: python -m jaxmix.generate --workdir {a.out}; fine-tune: "
+              f"python train.py --config configs/finetune.py:{a.out}")
+    else:
+        _, tokenizer = lib.to_hf(a.workdir, a.to_hf)
+        print(f"wrote {a.to_hf}: config.json, model.safetensors and "
+              + (tokenizer or "no tokenizer (the workdir has none)"))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jaxmix.convert",
-                                description="Convert Hugging Face checkpoints to/from jaxmix.")
-    p.add_argument("--from-hf", dest="from_hf", help="an HF model directory to import")
-    p.add_argument("--out", help="the new jaxmix workdir (with --from-hf)")
-    p.add_argument("--to-hf", dest="to_hf", help="an HF model directory to write")
-    p.add_argument("--workdir", help="the jaxmix workdir to export (with --to-hf)")
-    a = p.parse_args(argv)
-    if bool(a.from_hf) == bool(a.to_hf):
-        p.error("give exactly one of --from-hf DIR --out WORKDIR or --to-hf DIR --workdir WORKDIR")
-    if a.from_hf and not a.out:
-        p.error("--from-hf needs --out WORKDIR")
-    if a.to_hf and not a.workdir:
-        p.error("--to-hf needs --workdir WORKDIR")
-    from jaxmix import convert
+    return cli.main(build_parser(), argv, convert)
 
-    def body():
-        if a.from_hf:
-            config = convert.from_hf(a.from_hf, a.out)
-            print(f"wrote {a.out} ({tuple(config.model.mixer_pattern)} x{config.model.n_layers}, "
-                  f"d_model {config.model.d_model}); sample with: python -m jaxmix.generate "
-                  f"--workdir {a.out}")
-        else:
-            convert.to_hf(a.workdir, a.to_hf)
-            print(f"wrote {a.to_hf} (config.json, model.safetensors)")
-    return exit_status(body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -347,7 +347,7 @@ class AudioPipeline(StepPipeline):
         used = ("all used: masked pretraining" if self.n_mask else
                 f"{len(self.pool)} labelled, label_fraction {s['label_fraction']}")
         mask = f"; {self.n_mask} masked patches per clip" if self.n_mask else ""
-        return (f"data {self.source}: {self.n_classes} classes; train {len(self.train)} "
+        return (f"{self.source}: {self.n_classes} classes; train {len(self.train)} "
                 f"clips ({used}) / val {len(self.val)} clips; {s['clip_seconds']} s at "
                 f"{s['sample_rate']} Hz -> {n_frames(s)} frames x {s['n_mels']} mels -> "
                 f"{n_f} x {n_t} = {self.seq_len} patches of {s['patch']}x{s['patch']}"

@@ -7,6 +7,7 @@ across machines, runs and process counts.
 """
 import dataclasses
 import glob
+import logging
 import os
 import sysconfig
 import zlib
@@ -122,6 +123,22 @@ def read_documents(root, rel_paths):
     return out
 
 
+def thin_train_warning(what, train, val, unit, largest_val=None):
+    """A line to report when a split by document left the train split with less than
+    half of a corpus (`train` and `val` count `unit`s: bytes or tokens), else None."""
+    if train >= val:
+        return None
+    share = val / max(train + val, 1)
+    why = f" ({largest_val} among them)" if largest_val else ""
+    return (f"{what}: the split by document put {share:.0%} of the corpus in validation"
+            f"{why}, leaving {train:,} {unit} for training; lower the validation fraction, add "
+            f"documents, or split the largest ones")
+
+
+def _largest(root, rel_paths):
+    return max(rel_paths, key=lambda p: os.path.getsize(os.path.join(root, p)))
+
+
 def load_corpus(source, val_fraction):
     """Find, split and read the corpus named by `data.source`."""
     if not 0.0 <= val_fraction < 1.0:
@@ -141,6 +158,11 @@ def load_corpus(source, val_fraction):
     train, val = split_files(rel_paths, val_fraction)
     train_u8, train_starts = _read_concat(root, train)
     val_u8, val_starts = _read_concat(root, val)
+    warning = thin_train_warning(f"data.source {source!r} (data.val_fraction="
+                                 f"{val_fraction})", len(train_u8), len(val_u8),
+                                 "bytes", _largest(root, val))
+    if warning:
+        logging.getLogger("jaxmix").warning(warning)
     return Corpus(source=source, root=root, train_files=train, val_files=val,
                   train_u8=train_u8, val_u8=val_u8, train_doc_starts=train_starts,
                   val_doc_starts=val_starts)

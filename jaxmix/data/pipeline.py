@@ -165,7 +165,7 @@ class Pipeline(StepPipeline):
         """One line for the log: the source, its splits and the windows."""
         text = self.text
         packing_note = "documents as segments" if self.segments else "documents concatenated"
-        return (f"data {text.source}: {text.summary}; tokenizer "
+        return (f"{text.source}: {text.summary}; tokenizer "
                 f"{text.tokenizer.describe()}; {self.n_train_windows:,} train windows of "
                 f"{self.window} tokens, {packing_note}; batch {self.global_batch} = "
                 f"{self.process_count} x {self.local_batch}")

@@ -25,7 +25,6 @@ temporary name and renamed when complete, so rerunning the same command after an
 interruption redoes only the groups without a marker. Last come DIR/tokenizer/ (the
 tokenizer's files) and DIR/manifest.json (counts and shards per split).
 """
-import argparse
 import json
 import multiprocessing
 import os
@@ -35,10 +34,11 @@ import time
 
 import numpy as np
 
-from jaxmix.data.corpus import path_bucket
+from jaxmix.data.corpus import path_bucket, thin_train_warning
 from jaxmix.data.documents import check_field, documents, find_inputs
 from jaxmix.data.tokenizer import load_tokenizer, token_dtype
-from jaxmix.errors import ConfigError, exit_status
+from jaxmix.errors import ConfigError
+from jaxmix.paths import check_output_folder
 
 FORMAT, VERSION, MANIFEST = "jaxmix-tokens", 1, "manifest.json"
 SPLITS = ("train", "val")
@@ -306,6 +306,10 @@ def manifest_of(args, n_files, markers):
             "splits": splits}
 
 
+def _count(n, noun):
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def parse_size(text):
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.I)
     size = int(float(m.group(1)) * 1024 ** SIZE_UNITS[m.group(2).lower()]) if m else 0
@@ -326,9 +330,7 @@ def prepare(a):
             raise ConfigError(f"{flag} {value} must be at least 1")
     shard_bytes = parse_size(a.shard_bytes)
     out = os.path.abspath(os.path.expanduser(a.out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {a.out} is a file; pass a new folder (or one this "
-                          f"command wrote)")
+    check_output_folder(out, "--out", "give a new folder (or one this command wrote)")
     tok = load_tokenizer(a.tokenizer, field="--tokenizer")
     root, paths = find_inputs(a.input, out)
     for path in paths:
@@ -372,38 +374,53 @@ def prepare(a):
     tok.save(os.path.join(out, "tokenizer"))
     write_json(os.path.join(out, MANIFEST), manifest, indent=1)
     seconds = time.time() - start
-    tokens = sum(manifest["splits"][s]["tokens"] for s in SPLITS)
-    counts = "; ".join(f"{s} {manifest['splits'][s]['documents']:,} documents "
-                       f"{manifest['splits'][s]['tokens']:,} tokens "
-                       f"{len(manifest['splits'][s]['shards'])} shards" for s in SPLITS)
-    print(f"prepared {a.out}: {counts}; {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
+    splits = manifest["splits"]
+    counts = "; ".join(f"{s} {_count(splits[s]['documents'], 'document')}, "
+                       f"{_count(splits[s]['tokens'], 'token')} in "
+                       f"{_count(len(splits[s]['shards']), 'shard')}" for s in SPLITS)
+    tokens = sum(splits[s]["tokens"] for s in SPLITS)
+    print(f"prepared {a.out}: {counts}; {seconds:.{1 if seconds >= 10 else 2}f} s, "
+          f"{tokens / max(seconds, 1e-9):,.0f} tokens/s"
           + (f" ({reused} of {len(groups)} groups already done)" if reused else ""))
+    warning = thin_train_warning(f"--val-fraction {a.val_fraction}", splits["train"]["tokens"],
+                                 splits["val"]["tokens"], "tokens")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return manifest
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jaxmix.data.prepare", description=(
-        "Tokenize text / JSONL / Parquet files into ArrayRecord token shards for "
-        "data.source='arrayrecord:DIR'. Rerun the same command to resume."))
+def build_parser():
+    from jaxmix import cli
+    p = cli.Parser("python -m jaxmix.data.prepare", "Tokenize text / JSONL / Parquet files "
+                   "into ArrayRecord token shards for data.source='arrayrecord:DIR'. Rerun "
+                   "the same command to resume.")
     p.add_argument("--input", action="extend", nargs="+", required=True, metavar="GLOB",
                    help="files to read (quote globs; ** recurses); repeatable")
     p.add_argument("--tokenizer", required=True,
-                   help="'bytes' or a Hugging Face tokenizer folder / tokenizer.json")
-    p.add_argument("--out", required=True, help="the corpus folder to write")
+                   help="'bytes', a Hugging Face tokenizer folder or tokenizer.json, or a "
+                   "jaxmix workdir or prepared corpus (its tokenizer/)")
+    p.add_argument("--out", type=cli.path, required=True, help="the corpus folder to write")
     p.add_argument("--text-field", default="text", help="the text of a JSONL/Parquet row")
-    p.add_argument("--val-fraction", type=float, default=0.02)
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0))
-                   if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    p.add_argument("--record-tokens", type=int, default=8192,
+    p.add_argument("--val-fraction", type=cli.fraction, default=0.02,
+                   help="the share of documents held out for validation (by path hash)")
+    p.add_argument("--workers", type=cli.positive_int, default=cpu_count(),
+                   help="tokenizing processes (this machine's cores)")
+    p.add_argument("--record-tokens", type=cli.positive_int, default=8192,
                    help="tokens per ArrayRecord record")
     p.add_argument("--shard-bytes", default="64MiB",
                    help="input bytes per shard group (e.g. 64MiB, 1GiB)")
-    a = p.parse_args(argv)
-    try:
-        return exit_status(lambda: prepare(a))
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return p
+
+
+def cpu_count():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
+
+
+def main(argv=None):
+    from jaxmix import cli
+    return cli.main(build_parser(), argv, prepare,
+                    "interrupted; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,16 @@ class TaskArgs(dict):
     __getattr__ = dict.__getitem__
 
 
+def task_config(config, task):
+    """A run config's view as a `task` run: its data.synthetic settings over the
+    defaults (DEFAULTS; all of them for a model trained on something else) and its
+    vocabulary, for evaluating or probing a trained model on the task."""
+    from ml_collections import ConfigDict
+    settings = {**DEFAULTS, **config.data.get("synthetic", ConfigDict()).to_dict()}
+    return ConfigDict({"data": {"source": f"synthetic:{task}", "synthetic": settings},
+                       "model": {"vocab_size": config.model.vocab_size}})
+
+
 def task_args(config, split=None):
     """TaskArgs of a run config; with a split, passkey's filler bytes of that split."""
     args = TaskArgs(config.data.synthetic.to_dict(), vocab_size=int(config.model.vocab_size))

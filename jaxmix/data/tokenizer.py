@@ -54,6 +54,25 @@ class Tokenizer:
     def save(self, out_dir):
         """Nothing to save: the byte tokenizer has no files."""
 
+    def save_for_hf(self, out_dir):
+        """Writes a Hugging Face tokenizer.json (and tokenizer_config.json) that encodes
+        exactly as this one: token i is byte i. Byte-level BPE without merges: each
+        byte is mapped to one printable character (the printable Latin-1 bytes to
+        themselves, the rest to U+0100 onwards, in byte order) and each character is a
+        token whose id is its byte."""
+        from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers
+        printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1),
+                     *range(0xAE, 0xFF + 1)]
+        extra = iter(range(0x100, 0x200))
+        chars = {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+        tok = RustTokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        os.makedirs(out_dir, exist_ok=True)
+        tok.save(os.path.join(out_dir, TOKENIZER_JSON))
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            f.write('{"tokenizer_class": "PreTrainedTokenizerFast"}\n')
+
     def describe(self):
         return "bytes (UTF-8, vocab 256, no eos)"
 
@@ -149,9 +168,21 @@ class HFTokenizer(Tokenizer):
                 f"{self.sha256[:12]})")
 
 
+def tokenizer_folder(path):
+    """The folder holding the tokenizer of folder `path`: `path` itself (a Hugging Face
+    model or tokenizer folder), or its `tokenizer/` (a jaxmix workdir or prepared
+    corpus keeps its tokenizer there)."""
+    inner = os.path.join(path, "tokenizer")
+    if not os.path.isfile(os.path.join(path, TOKENIZER_JSON)) and \
+            os.path.isfile(os.path.join(inner, TOKENIZER_JSON)):
+        return inner
+    return path
+
+
 def load_tokenizer(spec, field="data.tokenizer"):
     """The Tokenizer named by `spec`: "bytes", a Hugging Face tokenizer folder (with
-    tokenizer.json) or a tokenizer.json file. `field` names the setting in errors."""
+    tokenizer.json), a tokenizer.json file, or a jaxmix workdir or prepared corpus (its
+    `tokenizer/`). `field` names the setting in errors."""
     if spec is None or spec == BYTES:
         return Tokenizer()
     if not isinstance(spec, (str, os.PathLike)):
@@ -160,6 +191,7 @@ def load_tokenizer(spec, field="data.tokenizer"):
     if not os.path.exists(path):
         raise ConfigError(f"{field}: {path!r} does not exist; {FIX}")
     if os.path.isdir(path):
+        path = tokenizer_folder(path)
         json_path = os.path.join(path, TOKENIZER_JSON)
         if not os.path.isfile(json_path):
             slow = [n for n in ("tokenizer.model", "vocab.json", "merges.txt")

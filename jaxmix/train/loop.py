@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from jaxmix import data, models, parallel, workdir as workdir_lib
 from jaxmix.errors import ConfigError, WriteError, is_write_failure, reason
-from jaxmix.train import objectives, optimizer, preempt, validate
+from jaxmix.train import memory, objectives, optimizer, preempt, validate
 from jaxmix.train import state as state_lib
 from jaxmix.train.metrics import MetricsWriter, plot_losses
 from jaxmix.train import guard as guard_lib
@@ -49,7 +49,7 @@ class Run:
 
     def __init__(self, config, workdir, devices=None):
         validate.check_config(config)
-        validate.check_workdir_path(workdir)
+        validate.check_workdir_path(workdir, config.get("init_from", ""))
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.mesh = parallel.make_mesh(config.mesh, devices)
@@ -166,6 +166,9 @@ def train(r):
             compiled[shape] = r.train_step.compile(state, batch)
             log.info("train step for batches %s compiled in %.1fs", shape,
                      time.perf_counter() - t0)
+            warning = memory.compiled_warning(compiled[shape], r.mesh.local_devices)
+            if warning and r.is_main:
+                log.warning(warning)
         return compiled[shape]
 
     stop = preempt.StopRequest().install()  # SIGTERM / SIGINT: save, then stop

@@ -37,10 +37,10 @@ blocks of the largest pod presets at their real widths. Nothing is measured on a
   python -m jaxmix.train.memory                       # the pod presets (Markdown table)
   python -m jaxmix.train.memory --config configs/mamba_lm.py:2.8b --chips 32
 """
-import argparse
 import dataclasses
 import math
 import os
+import resource
 import sys
 
 import flax.linen as nn
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix import config_files, models, parallel
-from jaxmix.errors import ConfigError, exit_status
+from jaxmix.errors import ConfigError
 from jaxmix.mixers.attention import head_shape
 from jaxmix.mixers.mamba import dt_rank_of
 from jaxmix.ops.attention_xla import BLOCK_K, BLOCK_Q
@@ -194,8 +194,10 @@ def estimate(config, chips, on_tpu=True):
     m, t = config.model, mesh["tensor"]
     batch_devices = mesh["data"] * mesh["fsdp"]
     if config.train.batch_size % batch_devices or config.train.seq_len % mesh["sequence"]:
-        raise ConfigError(f"memory: batch {config.train.batch_size} x seq_len "
-                          f"{config.train.seq_len} does not split over mesh {mesh}")
+        raise ConfigError(f"chips={chips}: train.batch_size={config.train.batch_size} over "
+                          f"data x fsdp or train.seq_len={config.train.seq_len} over "
+                          f"sequence does not split on mesh {mesh}; use a chip count that "
+                          f"divides them")
     B, L = config.train.batch_size // batch_devices, config.train.seq_len // mesh["sequence"]
     c = jnp.dtype(m.get("dtype", "float32")).itemsize
     groups = _param_shards(m, parallel.rules_of(config), mesh)
@@ -252,13 +254,98 @@ def table(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="path[:preset]; default: every pod preset")
-    ap.add_argument("--chips", type=int, help="device count (with --config)")
-    args = ap.parse_args(argv)
+FIT_SHARE = FIT_BYTES / HBM_BYTES  # of a chip's memory, the rest left to XLA's buffers
+HOST_SHARE = 0.6  # of the host's memory: a CPU run above it is warned about
 
-    def body():
+
+def compiled_warning(compiled, devices):
+    """A line to report when the compiled train step (XLA's own figure) nears the
+    memory it will run in: on CPU devices, with this process's peak so far, the host's
+    (more than HOST_SHARE of it); on accelerators, a chip's (more than FIT_SHARE of
+    it). None otherwise, or when XLA gives no figure."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    per_device = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                  - m.alias_size_in_bytes)
+    fix = "lower train.batch_size or train.seq_len"
+    if devices[0].platform == "cpu":
+        from jaxmix import cpu
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        need, have = per_device * len(devices) + rss, cpu.host_memory_bytes()
+        if need <= HOST_SHARE * have:
+            return None
+        return (f"this run needs about {_gib(need)} GiB of this machine's {_gib(have)} GiB "
+                f"(XLA's figure for the train step on {len(devices)} CPU devices, plus "
+                f"this process's {_gib(rss)} GiB so far) and may run out of memory; "
+                f"{fix}, or close other programs")
+    try:
+        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        limit = None
+    if not limit or per_device <= FIT_SHARE * limit:
+        return None
+    return (f"the train step needs {_gib(per_device)} GiB per device (XLA's figure) of "
+            f"the {_gib(limit)} GiB a {devices[0].device_kind} offers and may run out of "
+            f"memory; {fix}, or spread the run over more devices (mesh.fsdp)")
+
+
+MOST_CHIPS = 4096
+
+
+def fitting_chips(config, chips, limit):
+    """(chip count, Estimate) of the smallest count 2x, 4x, ... `chips` (up to 4096)
+    whose estimate is at most `limit` bytes per chip, or None."""
+    n = 2 * chips
+    while n <= MOST_CHIPS:
+        try:
+            e = estimate(config, n)
+        except ConfigError:  # the batch or a param dim does not split that many ways
+            return None
+        if e.total <= limit:
+            return n, e
+        n *= 2
+    return None
+
+
+def fit_warnings(rows, chip_bytes):
+    """One line per row whose estimate exceeds FIT_SHARE of a chip of `chip_bytes`:
+    whether it fits at all, and the chip count (and mesh) that would."""
+    out, limit = [], chip_bytes * FIT_SHARE
+    for spec, config, chips in rows:
+        e = estimate(config, chips)
+        if e.total <= limit:
+            continue
+        chip = f"a {chip_bytes / GIB:g} GiB chip"
+        what = (f"does not fit {chip}" if e.total > chip_bytes else
+                f"leaves less than {1 - FIT_SHARE:.0%} of {chip} to XLA's own buffers")
+        found = fitting_chips(config, chips, limit)
+        fix = (f"{found[0]} chips would need {_gib(found[1].total)} GiB (mesh data, fsdp, "
+               f"tensor, sequence = {', '.join(str(v) for v in found[1].mesh.values())})"
+               if found else
+               f"no count up to {MOST_CHIPS} chips brings it under {_gib(limit)} GiB; lower "
+               f"train.batch_size or train.seq_len, or split mesh.tensor")
+        out.append(f"`{spec.split('/')[-1]}` on {chips} chips needs {_gib(e.total)} GiB per "
+                   f"chip: it {what}; {fix}")
+    return out
+
+
+def build_parser():
+    from jaxmix import cli
+    p = cli.Parser("python -m jaxmix.train.memory", __doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="a config file path[:preset] (default: "
+                   "every pod preset, each on its own chip count)")
+    p.add_argument("--chips", type=cli.positive_int, default=None,
+                   help="the device count (default: none; needed with --config)")
+    p.add_argument("--chip-gib", type=cli.positive_float, default=HBM_BYTES / GIB,
+                   help="memory of one chip in GiB (a TPU v5e chip)")
+    return p
+
+
+def main(argv=None):
+    from jaxmix import cli
+
+    def body(args):
         if args.chips and not args.config:
             raise ConfigError("--chips needs --config PATH:PRESET")
         if args.config:
@@ -268,7 +355,10 @@ def main(argv=None):
         else:
             rows = pod_presets()
         print(table(rows))
-    return exit_status(body)
+        for line in fit_warnings(rows, args.chip_gib * GIB):
+            cli.warn(line)
+    return cli.main(build_parser(), argv, body)
+
 
 if __name__ == "__main__":
     sys.exit(main())

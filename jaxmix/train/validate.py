@@ -1,13 +1,13 @@
 """Early checks of the config, the mesh and the workdir: one-line errors, outside jit."""
 import os
 
-from jaxmix import mixers
+from jaxmix import mixers, paths
+from jaxmix import workdir as workdir_lib
 from jaxmix.data import synthetic
 from jaxmix.errors import ConfigError, read_json
 from jaxmix.models import normalize_config
 from jaxmix.ops import _impl
 from jaxmix.train import guard
-from jaxmix.workdir import RESTORE_CONFIG, plain
 
 POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
             "checkpoint_every", "keep_checkpoints")
@@ -61,24 +61,32 @@ def check_mixer_fields(m):
                 raise ConfigError(f"{where} must be a positive integer")
 
 
-def check_workdir_path(workdir):
-    """--workdir names a folder (a run's, or a new one) that this process can read and
-    write, or create."""
-    if os.path.exists(workdir):
-        if not os.path.isdir(workdir):
-            raise ConfigError(f"--workdir {workdir} is a file, not a folder; give a new "
-                              f"folder or the workdir of a run")
-        for mode, what in ((os.R_OK | os.X_OK, "readable"), (os.W_OK, "writable")):
-            if not os.access(workdir, mode):
-                raise ConfigError(f"--workdir {workdir} is not {what}; fix its permissions "
-                                  f"or give another folder")
-        return
-    parent = os.path.dirname(os.path.abspath(workdir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-        raise ConfigError(f"--workdir {workdir} cannot be created: {parent} is not a "
-                          f"writable folder; give a folder you can write")
+def check_workdir_path(workdir, init_from=""):
+    """--workdir names a folder this process can read and write, or create, that is new,
+    empty or a train.py workdir (whose model `check_workdir` compares later), and that
+    is neither the `init_from` folder nor inside it. Anything else (a converted or
+    Hugging Face model, a folder of files no jaxmix run wrote) is refused before a byte
+    is written."""
+    flag = f"--workdir {workdir}"
+    paths.check_output_folder(workdir, "--workdir",
+                                    "give a new folder or the workdir of a run")
+    if init_from and os.path.exists(init_from) and paths.is_inside(workdir, init_from):
+        raise ConfigError(f"{flag} is the init_from folder {init_from} (or inside it), "
+                          f"which training would write into; give another --workdir")
+    folder = workdir_lib.inspect_folder(workdir)
+    if folder.kind == workdir_lib.CONVERTED:
+        source = f" from {folder.detail}" if folder.detail else ""
+        raise ConfigError(f"{flag} holds a model converted{source} by `python -m "
+                          f"jaxmix.convert`, kept as it is; fine-tune it into a new folder: "
+                          f"--config configs/finetune.py:{workdir} (or --config.init_from="
+                          f"{workdir} --workdir NEW)")
+    if folder.kind == "hf":
+        raise ConfigError(f"{flag} holds a Hugging Face model, which training would "
+                          f"overwrite; give a new --workdir (with --config.init_from="
+                          f"{workdir} to start from that model)")
+    if folder.kind == "other":
+        raise ConfigError(f"{flag} holds {folder.detail!r}, which no jaxmix run wrote; "
+                          f"give a new or empty folder, or the workdir of a run")
 
 
 def check_encoder_length(config):
@@ -149,7 +157,7 @@ def _without_runtime(model):
 def _with_defaults(name, entry):
     """An entry as its mixer sees it: its class's DEFAULTS under its own fields (a field
     added to a mixer later reads as its default in older workdirs)."""
-    return plain({**mixers.get(entry.get("kind", name)).DEFAULTS, **entry})
+    return workdir_lib.plain({**mixers.get(entry.get("kind", name)).DEFAULTS, **entry})
 
 
 def check_workdir(config, workdir, has_checkpoints):
@@ -157,9 +165,9 @@ def check_workdir(config, workdir, has_checkpoints):
     path = os.path.join(workdir, "config.json")
     if not (has_checkpoints and os.path.exists(path)):
         return
-    old = read_json(path, "--workdir", RESTORE_CONFIG).get("model", {})
-    old = plain(normalize_config(old, where=f"{path}: model").to_dict())
-    new = plain(normalize_config(config.model).to_dict())
+    old = read_json(path, "--workdir", workdir_lib.RESTORE_CONFIG).get("model", {})
+    old = workdir_lib.plain(normalize_config(old, where=f"{path}: model").to_dict())
+    new = workdir_lib.plain(normalize_config(config.model).to_dict())
     diff = _first_difference(_without_runtime(old), _without_runtime(new))
     if diff:
         raise ConfigError(f"--workdir {workdir} holds checkpoints of another model ({diff}); "

@@ -18,16 +18,14 @@ paper's 400 of 2000), gates clamped to [0, 1] after every step, initialised to 1
   python -m jaxmix.duo identify --workdir runs/passkey --steps 300
 
 writes duo_heads.json (the gates, [attention layers, KV heads]) and duo_heads.png (a
-heatmap) into the workdir. Deployment (`deploy`, used by `jaxmix.generate --duo` and
-`jaxmix.evaluate --duo`) binarises the gates by a sparsity quantile or a threshold,
+heatmap) into the workdir (the command line is in __main__.py). Deployment (`deploy`,
+used by `jaxmix.generate --duo` and `jaxmix.evaluate --duo`) binarises the gates by a sparsity quantile or a threshold,
 reorders each layer's heads so that the retrieval heads come first (q/k/v/o weights
 permuted together, so the function is unchanged), and sets `model.duo` so that those
 heads keep a full KV cache and the rest a sink + recent ring buffer.
 """
-import argparse
 import json
 import os
-import sys
 import time
 
 import jax
@@ -131,9 +129,22 @@ def passkey_args(config, split):
     """Passkey task settings: the workdir's own when it trained on passkey, else the
     synthetic defaults (a byte-level model is needed either way)."""
     from jaxmix.data import synthetic
-    from jaxmix.evaluate import task_settings
-    probe = task_settings(config, "passkey")
-    return synthetic.task_args(probe, split)
+    return synthetic.task_args(synthetic.task_config(config, "passkey"), split)
+
+
+def check_identify(model_config, config, seq_len=None):
+    """(the gated layers, the passkey example length) of identifying `model_config`'s
+    heads with `config`'s passkey settings; a one-line ConfigError for a model without
+    attention layers or a length the task cannot use."""
+    from jaxmix.data import synthetic
+    layers = attention_layers(models.normalize_config(model_config))
+    if not layers:
+        raise ConfigError("duo identify: the model has no attention layers to gate; "
+                          "DuoAttention needs a model with attention layers")
+    seq_len = seq_len or int(config.train.seq_len)
+    probe = synthetic.task_config(config, "passkey")
+    synthetic.check("passkey", synthetic.task_args(probe), seq_len, what="--seq_len")
+    return layers, seq_len
 
 
 def identify(model_config, params, config, *, steps=300, batch=8, seq_len=None,
@@ -142,12 +153,8 @@ def identify(model_config, params, config, *, steps=300, batch=8, seq_len=None,
     """Trains the gates on passkey data; returns (alpha [attention layers, KV heads],
     layer indices, a summary dict)."""
     from jaxmix.data import synthetic
-    layers = attention_layers(models.normalize_config(model_config))
-    if not layers:
-        raise ConfigError("duo identify: the model has no attention layers to gate")
-    seq_len = seq_len or int(config.train.seq_len)
+    layers, seq_len = check_identify(model_config, config, seq_len)
     args = passkey_args(config, "train")
-    synthetic.check("passkey", args, seq_len, what="--seq_len")
     for name, value in (("steps", steps), ("batch", batch)):
         if value < 1:
             raise ConfigError(f"--{name}={value} must be positive")
@@ -299,7 +306,8 @@ def deploy(model_config, params, retrieval, layers, sink=DEPLOY_SINK, recent=DEP
 
 
 def load_deployed(model_config, params, path, *, sparsity=None, threshold=None, sink=None,
-                  recent=None, trained_seq_len=None, warn=print):
+                  recent=None, trained_seq_len=None,
+                  warn=lambda message: print(f"warning: {message}")):
     """`deploy` from a duo_heads.json (sink/recent default to the file's deploy
     windows). Warns when sink + recent reaches the trained context, where streaming
     heads would see everything the model was trained on."""
@@ -309,81 +317,8 @@ def load_deployed(model_config, params, path, *, sparsity=None, threshold=None, 
     recent = windows.get("recent", DEPLOY_RECENT) if recent is None else recent
     trained = trained_seq_len or data.get("trained_seq_len")
     if trained and sink + recent >= trained:
-        warn(f"warning: duo sink {sink} + recent {recent} >= the {trained} tokens the model "
-             f"was trained on: streaming heads see the whole trained context")
+        warn(f"duo sink {sink} + recent {recent} >= the {trained} tokens the model was "
+             f"trained on: streaming heads see the whole trained context")
     retrieval = retrieval_heads(alpha, sparsity, threshold)
     cfg, params = deploy(model_config, params, retrieval, layers, sink, recent)
     return cfg, params, retrieval
-
-
-def add_deploy_args(parser):
-    """The --duo options of the CLIs that decode or evaluate (generate, evaluate)."""
-    parser.add_argument("--duo", default=None, help="use DuoAttention: a duo_heads.json "
-                        "from `python -m jaxmix.duo identify`")
-    parser.add_argument("--sparsity", type=float, default=None,
-                        help="with --duo: fraction of KV heads that stream (default 0.5)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="with --duo: retrieval heads have gate >= this (above 1: none)")
-    parser.add_argument("--sink", type=int, default=None,
-                        help="with --duo: sink tokens (default: the file's)")
-    parser.add_argument("--recent", type=int, default=None,
-                        help="with --duo: recent tokens (default: the file's)")
-
-
-def deploy_from_args(a, model_config, params, trained_seq_len=None):
-    """(model config, params, retrieval mask or None) as the `add_deploy_args` options
-    say (unchanged without --duo)."""
-    if a.duo is None:
-        if any(x is not None for x in (a.sparsity, a.threshold, a.sink, a.recent)):
-            raise ConfigError("--sparsity, --threshold, --sink and --recent need --duo FILE")
-        return model_config, params, None
-    sparsity = 0.5 if a.sparsity is None and a.threshold is None else a.sparsity
-    return load_deployed(model_config, params, a.duo, sparsity=sparsity,
-                         threshold=a.threshold, sink=a.sink, recent=a.recent,
-                         trained_seq_len=trained_seq_len,
-                         warn=lambda m: print(m, file=sys.stderr))
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jaxmix.duo",
-                                description="DuoAttention: train retrieval-head gates.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("identify", help="train the gates on passkey data; writes "
-                       "duo_heads.json and duo_heads.png into the workdir")
-    q.add_argument("--workdir", required=True)
-    q.add_argument("--steps", type=int, default=300)
-    q.add_argument("--batch", type=int, default=8)
-    q.add_argument("--seq_len", type=int, default=None,
-                   help="passkey example length (default: the workdir's train.seq_len)")
-    q.add_argument("--sink", type=int, default=TRAIN_SINK)
-    q.add_argument("--recent", type=int, default=TRAIN_RECENT)
-    q.add_argument("--lr", type=float, default=0.02)
-    q.add_argument("--reg", type=float, default=0.05)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--out", default=None, help="folder for the outputs (default: workdir)")
-    a = p.parse_args(argv)
-    try:
-        from jaxmix import workdir
-        if not os.path.isdir(a.workdir):
-            raise ConfigError(f"--workdir {a.workdir}: no such folder")
-        if a.sink < 0 or a.recent < 1:
-            raise ConfigError(f"--sink={a.sink} must be >= 0 and --recent={a.recent} >= 1")
-        model, params, config = workdir.load_workdir(a.workdir)
-        alpha, layers, summary = identify(
-            config.model, params, config, steps=a.steps, batch=a.batch, seq_len=a.seq_len,
-            sink=a.sink, recent=a.recent, lr=a.lr, reg=a.reg, seed=a.seed,
-            log=lambda m: print(m, file=sys.stderr, flush=True))
-        out = a.out or a.workdir
-        os.makedirs(out, exist_ok=True)
-        path = save_heads(out, alpha, layers, summary, config.train.seq_len)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} and duo_heads.png ({summary['wall_s']} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
