@@ -8,6 +8,7 @@ from jaxmix.errors import ConfigError, read_json
 from jaxmix.models import normalize_config
 from jaxmix.ops import _impl
 from jaxmix.train import guard
+from jaxmix.workdir import RESTORE_CONFIG, plain
 
 POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
             "checkpoint_every", "keep_checkpoints")
@@ -68,8 +69,7 @@ def check_workdir_path(workdir, init_from=""):
     Hugging Face model, a folder of files no jaxmix run wrote) is refused before a byte
     is written."""
     flag = f"--workdir {workdir}"
-    paths.check_output_folder(workdir, "--workdir",
-                                    "give a new folder or the workdir of a run")
+    paths.check_output_folder(workdir, "--workdir", "give a new folder or the workdir of a run")
     if init_from and os.path.exists(init_from) and paths.is_inside(workdir, init_from):
         raise ConfigError(f"{flag} is the init_from folder {init_from} (or inside it), "
                           f"which training would write into; give another --workdir")
@@ -157,7 +157,7 @@ def _without_runtime(model):
 def _with_defaults(name, entry):
     """An entry as its mixer sees it: its class's DEFAULTS under its own fields (a field
     added to a mixer later reads as its default in older workdirs)."""
-    return workdir_lib.plain({**mixers.get(entry.get("kind", name)).DEFAULTS, **entry})
+    return plain({**mixers.get(entry.get("kind", name)).DEFAULTS, **entry})
 
 
 def check_workdir(config, workdir, has_checkpoints):
@@ -165,9 +165,9 @@ def check_workdir(config, workdir, has_checkpoints):
     path = os.path.join(workdir, "config.json")
     if not (has_checkpoints and os.path.exists(path)):
         return
-    old = read_json(path, "--workdir", workdir_lib.RESTORE_CONFIG).get("model", {})
-    old = workdir_lib.plain(normalize_config(old, where=f"{path}: model").to_dict())
-    new = workdir_lib.plain(normalize_config(config.model).to_dict())
+    old = read_json(path, "--workdir", RESTORE_CONFIG).get("model", {})
+    old = plain(normalize_config(old, where=f"{path}: model").to_dict())
+    new = plain(normalize_config(config.model).to_dict())
     diff = _first_difference(_without_runtime(old), _without_runtime(new))
     if diff:
         raise ConfigError(f"--workdir {workdir} holds checkpoints of another model ({diff}); "
