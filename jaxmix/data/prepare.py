@@ -391,6 +391,7 @@ def prepare(a):
 
 def build_parser():
     from jaxmix import cli
+    from jaxmix.cpu import cores
     p = cli.Parser("python -m jaxmix.data.prepare", "Tokenize text / JSONL / Parquet files "
                    "into ArrayRecord token shards for data.source='arrayrecord:DIR'. Rerun "
                    "the same command to resume.")
@@ -403,18 +404,13 @@ def build_parser():
     p.add_argument("--text-field", default="text", help="the text of a JSONL/Parquet row")
     p.add_argument("--val-fraction", type=cli.fraction, default=0.02,
                    help="the share of documents held out for validation (by path hash)")
-    p.add_argument("--workers", type=cli.positive_int, default=cpu_count(),
+    p.add_argument("--workers", type=cli.positive_int, default=cores(),
                    help="tokenizing processes (this machine's cores)")
     p.add_argument("--record-tokens", type=cli.positive_int, default=8192,
                    help="tokens per ArrayRecord record")
     p.add_argument("--shard-bytes", default="64MiB",
                    help="input bytes per shard group (e.g. 64MiB, 1GiB)")
     return p
-
-
-def cpu_count():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        os.cpu_count() or 1
 
 
 def main(argv=None):
