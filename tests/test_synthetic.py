@@ -296,7 +296,8 @@ def test_train_same_seed_same_metrics_resume_and_evaluate(tmp_path, capsys):
     from jaxmix import evaluate  # the same CLI in-process: one error line, status 2
     for extra, needle in [(["--lengths", "16"], "--lengths=16 is too short for mqar"),
                           (["--lengths", ","], "--lengths: empty"),
-                          (["--lengths", "64", "--task", "nope"], "--task: invalid choice: 'nope'")]:
+                          (["--lengths", "64", "--task", "nope"],
+                           "--task: invalid choice: 'nope'")]:
         assert evaluate.main(cmd[3:5] + extra) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

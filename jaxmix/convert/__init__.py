@@ -139,7 +139,8 @@ def check_to_hf(workdir_path, hf_dir):
     try:
         hf.hf_config(models.normalize_config(config.model))
     except ConfigError as e:
-        raise ConfigError(f"--workdir {workdir_path}: {str(e).removeprefix('hf.save: ')}") from None
+        why = str(e).removeprefix("hf.save: ")
+        raise ConfigError(f"--workdir {workdir_path}: {why}") from None
     paths.check_new_folder(hf_dir, "--to-hf", NEW_FOLDER)
     if paths.is_inside(hf_dir, workdir_path):
         raise ConfigError(f"--to-hf {hf_dir} is inside --workdir {workdir_path}; give a "

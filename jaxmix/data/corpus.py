@@ -131,8 +131,8 @@ def thin_train_warning(what, train, val, unit, largest_val=None):
     share = val / max(train + val, 1)
     why = f" ({largest_val} among them)" if largest_val else ""
     return (f"{what}: the split by document put {share:.0%} of the corpus in validation"
-            f"{why}, leaving {train:,} {unit} for training; lower the validation fraction, add "
-            f"documents, or split the largest ones")
+            f"{why}, leaving {train:,} {unit} for training; lower the validation "
+            f"fraction, add documents, or split the largest ones")
 
 
 def _largest(root, rel_paths):

@@ -19,8 +19,8 @@ paper's 400 of 2000), gates clamped to [0, 1] after every step, initialised to 1
 
 writes duo_heads.json (the gates, [attention layers, KV heads]) and duo_heads.png (a
 heatmap) into the workdir (the command line is in __main__.py). Deployment (`deploy`,
-used by `jaxmix.generate --duo` and `jaxmix.evaluate --duo`) binarises the gates by a sparsity quantile or a threshold,
-reorders each layer's heads so that the retrieval heads come first (q/k/v/o weights
+used by `jaxmix.generate --duo` and `jaxmix.evaluate --duo`) binarises the gates by a
+sparsity quantile or a threshold, reorders each layer's heads so that the retrieval heads come first (q/k/v/o weights
 permuted together, so the function is unchanged), and sets `model.duo` so that those
 heads keep a full KV cache and the rest a sink + recent ring buffer.
 """
