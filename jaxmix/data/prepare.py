@@ -320,14 +320,8 @@ def parse_size(text):
 
 
 def prepare(a):
-    """Runs the command of parsed arguments `a`; returns the manifest."""
-    start = time.time()
-    if not 0.0 <= a.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction {a.val_fraction} is outside [0, 1); use a small "
-                          f"fraction such as 0.02")
-    for flag, value in (("--workers", a.workers), ("--record-tokens", a.record_tokens)):
-        if value < 1:
-            raise ConfigError(f"{flag} {value} must be at least 1")
+    """Runs the command of arguments `a` parsed by `build_parser`; returns the manifest."""
+    start = time.time()  # the value ranges are checked by the parser's types
     shard_bytes = parse_size(a.shard_bytes)
     out = os.path.abspath(os.path.expanduser(a.out))
     check_output_folder(out, "--out", "give a new folder (or one this command wrote)")

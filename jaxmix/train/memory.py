@@ -241,13 +241,13 @@ def _gib(n):
     return f"{n / GIB:.1f}"
 
 
-def table(rows):
-    """Markdown table of [(spec, config, chips)]."""
+def table(rows, estimates=None):
+    """Markdown table of [(spec, config, chips)] (and their `estimate`s, when made)."""
     lines = ["| preset | params | params + opt + grads (GiB) | activations (GiB) "
              "| total per chip (GiB) | chips | mesh (data, fsdp, tensor, sequence) |",
              "|---|--:|--:|--:|--:|--:|---|"]
-    for spec, config, chips in rows:
-        e = estimate(config, chips)
+    estimates = estimates or [estimate(config, chips) for _, config, chips in rows]
+    for (spec, _, chips), e in zip(rows, estimates, strict=True):
         lines.append(f"| `{spec.split('/')[-1]}` | {e.n_params / 1e6:,.0f}M | {_gib(e.weights)} "
                      f"| {_gib(e.activations)} | {_gib(e.total)} | {chips} "
                      f"| {', '.join(str(v) for v in e.mesh.values())} |")
@@ -308,12 +308,11 @@ def fitting_chips(config, chips, limit):
     return None
 
 
-def fit_warnings(rows, chip_bytes):
+def fit_warnings(rows, estimates, chip_bytes):
     """One line per row whose estimate exceeds FIT_SHARE of a chip of `chip_bytes`:
     whether it fits at all, and the chip count (and mesh) that would."""
     out, limit = [], chip_bytes * FIT_SHARE
-    for spec, config, chips in rows:
-        e = estimate(config, chips)
+    for (spec, config, chips), e in zip(rows, estimates, strict=True):
         if e.total <= limit:
             continue
         chip = f"a {chip_bytes / GIB:g} GiB chip"
@@ -354,8 +353,9 @@ def main(argv=None):
             rows = [(args.config, config_files.load_config(args.config), args.chips)]
         else:
             rows = pod_presets()
-        print(table(rows))
-        for line in fit_warnings(rows, args.chip_gib * GIB):
+        estimates = [estimate(config, chips) for _, config, chips in rows]
+        print(table(rows, estimates))
+        for line in fit_warnings(rows, estimates, args.chip_gib * GIB):
             cli.warn(line)
     return cli.main(build_parser(), argv, body)
 
