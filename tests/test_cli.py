@@ -41,7 +41,7 @@ def test_every_flag_has_a_description_and_its_default(module):
                "jaxmix.convert.__main__": ["jaxmix.convert"]}.get(module, [module])
     out = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True,
                          text=True, cwd=ROOT, env=subprocess_env(), timeout=120)
-    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
+    assert out.returncode == 0 and "usage:" in out.stdout and out.stderr == "", out.stderr
     assert out.stdout.count("(default") + out.stdout.count("(required)") >= 2, out.stdout
 
 

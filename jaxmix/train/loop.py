@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from jaxmix import data, models, parallel, workdir as workdir_lib
 from jaxmix.errors import ConfigError, WriteError, is_write_failure, reason
-from jaxmix.train import memory, objectives, optimizer, preempt, validate
+from jaxmix.train import objectives, optimizer, preempt, validate
 from jaxmix.train import state as state_lib
 from jaxmix.train.metrics import MetricsWriter, plot_losses
 from jaxmix.train import guard as guard_lib
@@ -166,7 +166,9 @@ def train(r):
             compiled[shape] = r.train_step.compile(state, batch)
             log.info("train step for batches %s compiled in %.1fs", shape,
                      time.perf_counter() - t0)
-            warning = memory.compiled_warning(compiled[shape], r.mesh.local_devices)
+            # (imported here: `python -m jaxmix.train.memory` runs that module as a script)
+            from jaxmix.train.memory import compiled_warning
+            warning = compiled_warning(compiled[shape], r.mesh.local_devices)
             if warning and r.is_main:
                 log.warning(warning)
         return compiled[shape]
