@@ -106,11 +106,20 @@ def wait_for_losses(procs, workdir, n, timeout=900):
 
 def run_two_processes(args, workdir, timeout=900, sigterm_after=None):
     """train.py in 2 processes x 4 devices; [(exit status, stderr)] of each. With
-    `sigterm_after` = n, process 1 alone gets SIGTERM once n losses are logged."""
+    `sigterm_after` = n, process 1 alone gets SIGTERM once n losses are logged.
+
+    JAX's runtime polls for SIGTERM once a second, then tells the other process through
+    the coordination service: a fast run goes on for a wall-clock second's worth of steps
+    before both agree where to stop. Process 0 (which hosts the service) is paused from
+    the signal until that notice has had time to reach it, so process 1, waiting on it in
+    the step's collectives, cannot run ahead: the stop comes a step or two after n."""
     procs = start_two_processes(args, workdir)
     if sigterm_after is not None:
         wait_for_losses(procs, workdir, sigterm_after, timeout)
+        procs[0].send_signal(signal.SIGSTOP)
         procs[1].send_signal(signal.SIGTERM)
+        time.sleep(3)  # the runtime's 1-second poll, with room to spare
+        procs[0].send_signal(signal.SIGCONT)
     outs = [p.communicate(timeout=timeout) for p in procs]
     return [(p.returncode, err) for p, (_, err) in zip(procs, outs, strict=True)]
 
