@@ -67,7 +67,7 @@ def base_config(mixer, stage, size):
     c.model = ml_collections.ConfigDict(dict(
         family="encoder", d_model=d_model, n_layers=n_layers, vocab_size=2, d_ff=d_ff,
         mixer_pattern=pattern, mixers=entries, norm_eps=1e-5, dtype="float32",
-        remat=False, mlp_bias=False, patch_dim=s["patch"] ** 2, max_len=n_patches,
+        remat="none", mlp_bias=False, patch_dim=s["patch"] ** 2, max_len=n_patches,
         cls_token=False, pool="mean", n_classes=s["n_classes"],
         head="masked_patch" if stage == "pretrain" else "classify", layer_average=False))
     c.model.update(extra)

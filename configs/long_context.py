@@ -26,7 +26,7 @@ PRESETS = ("attention-128k", "hybrid-128k", "mamba-1m", "smoke")
 
 def base_config():
     c = _mamba_lm().base_config()
-    c.model.remat = True
+    c.model.remat = "block"
     c.model.mixers.attention.update(n_heads=4, n_kv_heads=2, rope_theta=500000.0,
                                     ring_layout="zigzag")
     c.train.update(batch_size=1, steps=100, decay_steps=100, warmup_steps=10,

@@ -61,7 +61,7 @@ def get_config(preset="default"):
         c.model.mixers.attention.update(n_heads=4, n_kv_heads=2)
     elif preset in POD_SHAPES:
         d_model, d_ff = POD_SHAPES[preset]
-        c.model.update(d_model=d_model, n_layers=24, d_ff=d_ff, dtype="bfloat16", remat=True)
+        c.model.update(d_model=d_model, n_layers=24, d_ff=d_ff, dtype="bfloat16", remat="block")
         set_memory_heads(c, n_heads=4, head_dim=256, chunk_size=64)
         mamba_lm.pod_train(c, learning_rate=3e-4)
     else:

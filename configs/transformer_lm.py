@@ -82,7 +82,7 @@ def get_config(preset="default"):
     elif preset in POD_SHAPES:
         d_model, n_layers, n_heads, n_kv_heads, d_ff, theta = POD_SHAPES[preset]
         c.model.update(d_model=d_model, n_layers=n_layers, d_ff=d_ff, tie_embeddings=False,
-                       dtype="bfloat16", remat=True)
+                       dtype="bfloat16", remat="block")
         set_heads(c, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=theta,
                   max_cache_len=8192)
         c.model.mixers.moh.update(shared_heads=n_heads // 2, top_k=n_heads // 4)

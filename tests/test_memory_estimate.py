@@ -30,8 +30,8 @@ POD = {"mamba_lm": "2.8b", "transformer_lm": "llama-8b"}
 # (params and batch split) and without remat (every block's forward residuals held: the
 # estimate's other branch); and two blocks of the largest pod preset (bf16, real widths,
 # params no longer negligible) over 8.
-CASES = [("1 device", "smoke", 1, True), ("fsdp=8", "smoke", 8, True),
-         ("no remat", "smoke", 1, False), ("pod widths, fsdp=8", "pod", 8, True)]
+CASES = [("1 device", "smoke", 1, "block"), ("fsdp=8", "smoke", 8, "block"),
+         ("no remat", "smoke", 1, "none"), ("pod widths, fsdp=8", "pod", 8, "block")]
 # Run with -m exhaustive: the step without remat, and FSDP at smoke widths (the pod
 # widths case covers FSDP).
 EXHAUSTIVE_CASES = ("no remat", "fsdp=8")
@@ -134,15 +134,17 @@ def test_pod_presets_fit_their_slices():
     """Every pod preset is FSDP over its documented slice, its estimate leaves a quarter
     of a 16 GiB chip free, the slice is the smallest that does, and README.md shows
     the table `python -m jaxmix.train.memory` prints."""
+    from jaxmix import models
     from jaxmix.train import memory
     rows = memory.pod_presets()
-    assert len(rows) == 10
+    assert len(rows) == 15
     with open(os.path.join(ROOT, "README.md")) as f:
         assert memory.table(rows) in f.read(), "regenerate README's table"
     for spec, config, chips in rows:
         e = memory.estimate(config, chips)
         assert e.mesh == {"data": 1, "fsdp": chips, "tensor": 1, "sequence": 1}, spec
-        assert config.model.remat and config.model.dtype == "bfloat16", spec
+        assert models.remat.policy_name(config.model) == "block", spec
+        assert config.model.dtype == "bfloat16", spec
         assert e.total <= memory.FIT_BYTES < memory.HBM_BYTES, (spec, e.total / memory.GIB)
         if chips > memory.SLICES[0]:
             smaller = memory.estimate(config, chips // 2)
@@ -151,7 +153,7 @@ def test_pod_presets_fit_their_slices():
 
 def test_estimate_scales_with_the_mesh():
     from jaxmix.train import memory
-    config = case_config("mamba_lm", "smoke", True)
+    config = case_config("mamba_lm", "smoke", "block")
     one, eight = memory.estimate(config, 1), memory.estimate(config, 8)
     assert one.params / 8 <= eight.params < one.params / 4  # small params stay whole
     assert eight.opt_state == 2 * eight.params and eight.grads == eight.params
@@ -162,7 +164,7 @@ def test_estimate_scales_with_the_mesh():
 def test_bad_chip_counts_are_one_line_errors():
     from jaxmix.errors import ConfigError
     from jaxmix.train import memory
-    config = case_config("mamba_lm", "smoke", True)
+    config = case_config("mamba_lm", "smoke", "block")
     with pytest.raises(ConfigError, match="does not split"):
         memory.estimate(config, 3)
     with pytest.raises(ConfigError, match="positive"):

@@ -9,7 +9,7 @@ from jaxmix.errors import ConfigError
 from jaxmix.models.config import (SHARED, default_mixers, kind_of, layer_kinds, layer_mixers,
                                   mixer_config, normalize_config)
 from jaxmix import mixers
-from jaxmix.models import encoder
+from jaxmix.models import encoder, remat
 from jaxmix.models.encoder import Encoder
 from jaxmix.models.lm import LM, padded_vocab
 
@@ -57,6 +57,7 @@ def build(model_config):
     family = cfg.get("family", "lm")
     if family not in FAMILIES:
         raise ConfigError(f"model.family: unknown {family!r}; choose from {sorted(FAMILIES)}")
+    remat.policy_name(cfg)
     for name, cls, mixer_cfg in layer_mixers(cfg):  # early checks, outside jit
         if hasattr(cls, "check_config"):
             cls.check_config(mixer_cfg, f"model.mixers.{name}")

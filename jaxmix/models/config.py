@@ -25,7 +25,7 @@ log = logging.getLogger("jaxmix")
 
 # Fields of the whole model, visible to every mixer.
 SHARED = ("family", "vocab_size", "vocab_multiple", "d_model", "n_layers", "d_ff", "mlp_bias",
-          "norm_eps", "tie_embeddings", "dtype", "remat")
+          "norm_eps", "tie_embeddings", "dtype", "remat", "scan_layers")
 # Fields of the encoder family (jaxmix.models.encoder.DEFAULTS).
 ENCODER_FIELDS = ("patch_dim", "max_len", "cls_token", "pool", "n_classes", "head",
                   "layer_average")

@@ -7,12 +7,23 @@ The residual stream is kept in fp32.
 Aux outputs of the mixers are averaged over the layers of each model.mixers entry and
 returned as "<entry>/<name>"; "aux_loss" is the sum of the entries' loss terms times
 their `aux_weight` (what the trainer adds to the cross-entropy).
+
+Blocks are rematerialised as `model.remat` says (`jaxmix.models.remat`). Layers that
+repeat (the pattern tiled R >= 2 times, every repeat configured alike) run as one
+`lax.scan` over the repeats when `model.scan_layers` is on (the default) and no
+decoding cache is in use: XLA compiles one repeat of the pattern instead of all
+n_layers blocks. The parameters keep their per-layer layout (`layers_<i>`) either way,
+so checkpoints, conversions and per-layer tools see one tree; the scan stacks them
+along a leading repeat axis inside the step (one extra copy of the block parameters
+and of their gradients, which XLA frees after use).
 """
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from jaxmix.models import remat
 from jaxmix.models.config import layer_mixers
 from jaxmix.nn import DenseGeneral, RMSNorm, SwiGLU, compute_dtype, constrain
 
@@ -60,6 +71,56 @@ def combine_aux(cfg, layer_aux):
     return out
 
 
+def scan_repeat(cfg, layers):
+    """The pattern's length P when the layers run as a scan over repeats of it: on with
+    `model.scan_layers`, at least 2 repeats, and layer i configured exactly as layer
+    i + P (DuoAttention's per-layer head split, for one, is not); else 0."""
+    period = len(tuple(cfg.mixer_pattern))
+    if not cfg.get("scan_layers", True) or len(layers) < 2 * period:
+        return 0
+    same = all(layers[i][1:] == layers[i % period][1:] for i in range(len(layers)))
+    return period if same else 0
+
+
+def scan_blocks(cfg, layers, period, params, x, segment_ids, positions, train):
+    """The blocks as one lax.scan over the R = n_layers / P repeats of the pattern:
+    (x after the last block, [aux of every layer]). The params of layer r * P + k are
+    the k-th entry of repeat r; each block is rematerialised as `model.remat` says."""
+    params = nn.unbox(params)
+    repeats = len(layers) // period
+    stacked = [jax.tree.map(lambda *ps: jnp.stack(ps),
+                            *[params[f"layers_{r * period + k}"] for r in range(repeats)])
+               for k in range(period)]
+    policy = remat.policy_name(cfg)
+
+    def block_fn(k):
+        _, cls, mixer_cfg = layers[k]
+        block = Block(cfg, cls, mixer_cfg, parent=None)
+
+        def apply(p, x):
+            y, _, aux = block.apply({"params": p}, x, segment_ids, positions, None, False,
+                                    train)
+            return y, aux
+        if policy == "none":
+            return apply
+        return jax.checkpoint(apply, policy=remat.checkpoint_policy(policy),
+                              prevent_cse=False)
+
+    fns = [block_fn(k) for k in range(period)]
+
+    def body(x, ps):
+        auxes = []
+        for k in range(period):
+            x, aux = fns[k](ps[k], x)
+            auxes.append(aux)
+        return x, auxes
+
+    x, aux_RK = jax.lax.scan(body, x, stacked)
+    layer_aux = [jax.tree.map(lambda a: a[r], aux_RK[k])
+                 for r in range(repeats) for k in range(period)]
+    return x, layer_aux
+
+
 class LM(nn.Module):
     """Returns (logits [B, L, V_padded], aux); with `decode=True` also the new cache.
     With `hidden=True` the final-normed hidden states [B, L, d_model] fp32 replace the
@@ -75,14 +136,23 @@ class LM(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(0.02), ("vocab", "embed")))
         x = constrain(embed(tokens_BL).astype(jnp.float32), ("batch", "length", "embed"))
-        block_cls = nn.remat(Block, static_argnums=(5, 6)) if cfg.get("remat") else Block
-        layer_aux, new_cache = [], []
-        for i, (_, cls, mixer_cfg) in enumerate(layer_mixers(cfg)):
-            layer_cache = cache[i] if cache is not None else None
-            x, c, aux = block_cls(cfg, cls, mixer_cfg, name=f"layers_{i}")(
-                x, segment_ids, positions, layer_cache, decode, train)
-            new_cache.append(c)
-            layer_aux.append(aux)
+        layers = layer_mixers(cfg)
+        repeat = scan_repeat(cfg, layers)
+        if repeat and cache is None and not decode and not self.is_initializing():
+            x, layer_aux = scan_blocks(cfg, layers, repeat, self.variables["params"], x,
+                                       segment_ids, positions, train)
+            new_cache = [None] * len(layers)
+        else:
+            policy = remat.policy_name(cfg)
+            block_cls = Block if policy == "none" else nn.remat(
+                Block, static_argnums=(5, 6), policy=remat.checkpoint_policy(policy))
+            layer_aux, new_cache = [], []
+            for i, (_, cls, mixer_cfg) in enumerate(layers):
+                layer_cache = cache[i] if cache is not None else None
+                x, c, aux = block_cls(cfg, cls, mixer_cfg, name=f"layers_{i}")(
+                    x, segment_ids, positions, layer_cache, decode, train)
+                new_cache.append(c)
+                layer_aux.append(aux)
         x = RMSNorm(cfg.get("norm_eps", 1e-5), dtype, name="norm_f")(x)
         if hidden:
             return x.astype(jnp.float32), combine_aux(cfg, layer_aux)

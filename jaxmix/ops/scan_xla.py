@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix import cpu
+from jaxmix.ops import residuals
 from jaxmix.ops.selective_scan import finish_output, keep_mask, prepare_delta
 from jaxmix.ops.vma import match_vma, unify_vma
 
@@ -134,9 +135,11 @@ def _step(h_BND, A2_ND, dl_BD, u_BD, b_BN, keep_BL, t):
     return a_BND * h_BND + (dl_BD * u_BD)[:, None, :] * b_BN[:, :, None]
 
 
+@functools.partial(jax.jit, static_argnums=(7, 8))
 def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk, reverse):
     """y [B, L, D] (without the D skip), the last state, and the states entering every
-    chunk (in scan order: chunk c holds scan steps c*chunk ... (c+1)*chunk-1)."""
+    chunk (in scan order: chunk c holds scan steps c*chunk ... (c+1)*chunk-1). A jit of
+    its own (inlined by XLA) so that a jaxpr names every run of the forward."""
     nc = u_BLD.shape[1] // chunk
     time = _time(u_BLD.shape[1], reverse)
 
@@ -237,6 +240,9 @@ def _core_fwd(u_BLD, dl_BLD, A_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk, reverse
     A2_ND = A_ND * LOG2E
     h_BND, y_BLD, hs_CBND = _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND,
                                           keep_BL, chunk, reverse)
+    # What the scan computes is tagged, so a policy can keep it rather than rerun the
+    # scan; its inputs come from cheap projections and are recomputed.
+    y_BLD, h_BND, hs_CBND = residuals.keep((y_BLD, h_BND, hs_CBND))
     return (y_BLD, h_BND), (u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, hs_CBND, keep_BL)
 
 

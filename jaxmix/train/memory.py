@@ -10,8 +10,10 @@
                 in fp32 and cast to the compute dtype, the next block's gathered
                 while this one computes, and the gradient before its reduce-scatter
   activations (per chip: B_local = batch / (data*fsdp), L_local = seq_len / sequence)
-    saved       with remat, every block's input: the fp32 residual [B_local, L, d_model];
-                without remat, every block's whole forward residuals
+    saved       with remat "block", every block's input: the fp32 residual
+                [B_local, L, d_model]; "save_kernels" adds every Mamba layer's fp32 scan
+                output [B_local, L, d_inner]; without remat (and for "dots_saveable", as
+                an upper bound) every block's whole forward residuals
     block       the peak working set of recomputing and back-propagating ONE block:
                 Mamba: norm output, in_proj x/z, conv output, SiLU output, x_proj/dt,
                 the scan's fp32 inputs/output and chunk states, then dy/du/ddelta and one
@@ -210,10 +212,15 @@ def estimate(config, chips, on_tpu=True):
     layers = [_layer_bytes(mcfg, models.kind_of(m, name), B, L, t, c, on_tpu)
               for name, _, mcfg in models.layer_mixers(m)]
     residual = B * L * m.d_model * F32
-    if m.get("remat", False):
+    policy = models.remat.policy_name(m)
+    if policy in ("block", "save_kernels"):
         saved = residual * len(layers)
+        if policy == "save_kernels":  # the scan's fp32 output, per Mamba layer
+            saved += sum(B * L * (mcfg.expand * mcfg.d_model // t) * F32
+                         for name, _, mcfg in models.layer_mixers(m)
+                         if models.kind_of(m, name) == "mamba")
         block = max(f + b for f, b in layers)
-    else:
+    else:  # "none", and "dots_saveable" counted as keeping everything (an upper bound)
         saved = sum(residual + f for f, _ in layers)
         block = max(b for _, b in layers)
     logits = B * L * (models.padded_vocab(m) // t) * (2 * F32 + c)

@@ -139,7 +139,7 @@ def _first_difference(old, new, prefix="model"):
 
 
 # Fields that change how the model computes but not its parameters (model or entry).
-_RUNTIME_FIELDS = ("scan_impl", "attn_impl", "remat", "dtype", "aux_weight")
+_RUNTIME_FIELDS = ("scan_impl", "attn_impl", "remat", "scan_layers", "dtype", "aux_weight")
 
 
 def _without_runtime(model):
