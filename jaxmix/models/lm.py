@@ -82,10 +82,11 @@ def scan_repeat(cfg, layers):
     return period if same else 0
 
 
-def scan_blocks(cfg, layers, period, params, x, segment_ids, positions, train):
+def scan_blocks(cfg, layers, period, params, x, segment_ids, positions, train, rng=None):
     """The blocks as one lax.scan over the R = n_layers / P repeats of the pattern:
     (x after the last block, [aux of every layer]). The params of layer r * P + k are
-    the k-th entry of repeat r; each block is rematerialised as `model.remat` says."""
+    the k-th entry of repeat r; each block is rematerialised as `model.remat` says.
+    `rng` (the "mixer" stream's key, when the caller has one) is split per layer."""
     params = nn.unbox(params)
     repeats = len(layers) // period
     stacked = [jax.tree.map(lambda *ps: jnp.stack(ps),
@@ -97,9 +98,10 @@ def scan_blocks(cfg, layers, period, params, x, segment_ids, positions, train):
         _, cls, mixer_cfg = layers[k]
         block = Block(cfg, cls, mixer_cfg, parent=None)
 
-        def apply(p, x):
+        def apply(p, x, key):
+            rngs = None if key is None else {"mixer": jax.random.fold_in(key, k)}
             y, _, aux = block.apply({"params": p}, x, segment_ids, positions, None, False,
-                                    train)
+                                    train, rngs=rngs)
             return y, aux
         if policy == "none":
             return apply
@@ -108,14 +110,16 @@ def scan_blocks(cfg, layers, period, params, x, segment_ids, positions, train):
 
     fns = [block_fn(k) for k in range(period)]
 
-    def body(x, ps):
+    def body(x, xs):
+        ps, key = xs
         auxes = []
         for k in range(period):
-            x, aux = fns[k](ps[k], x)
+            x, aux = fns[k](ps[k], x, key)
             auxes.append(aux)
         return x, auxes
 
-    x, aux_RK = jax.lax.scan(body, x, stacked)
+    keys = None if rng is None else jax.random.split(rng, repeats)
+    x, aux_RK = jax.lax.scan(body, x, (stacked, keys))
     layer_aux = [jax.tree.map(lambda a: a[r], aux_RK[k])
                  for r in range(repeats) for k in range(period)]
     return x, layer_aux
@@ -139,8 +143,9 @@ class LM(nn.Module):
         layers = layer_mixers(cfg)
         repeat = scan_repeat(cfg, layers)
         if repeat and cache is None and not decode and not self.is_initializing():
+            rng = self.make_rng("mixer") if self.has_rng("mixer") else None
             x, layer_aux = scan_blocks(cfg, layers, repeat, self.variables["params"], x,
-                                       segment_ids, positions, train)
+                                       segment_ids, positions, train, rng)
             new_cache = [None] * len(layers)
         else:
             policy = remat.policy_name(cfg)
