@@ -4,7 +4,10 @@ Implementations: reference (materialised fp32 softmax), xla (blocked, O(L)),
 pallas (interpret mode off TPU: correctness-speed only, small L), and the
 baseline `jax.nn.dot_product_attention(implementation="xla")` ("dpa").
 One JSON line per measurement, then a summary line comparing xla to dpa:
-forward+backward time ratio at L=4096 and temp-memory ratio at L=16384.
+forward+backward time ratio at L=4096 and temp-memory ratio at L=16384. A timed row
+carries the roofline fields (benchmarks/roofline.py) of the flash kernel's cost
+estimate for its shape, counted per query head (rows of other impls name it in
+"work_from": the work the op must do).
 
   python benchmarks/bench_attention.py                         # L = 512 .. 32768
   python benchmarks/bench_attention.py --lengths 4096,16384 --impls xla,dpa
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import roofline  # noqa: E402
 from jaxmix import ops  # noqa: E402
 
 IMPLS = ("reference", "xla", "pallas", "dpa")
@@ -97,6 +101,12 @@ def main():
                            head_dim=a.head_dim, dtype=a.dtype, causal=causal,
                            backend=jax.default_backend())
                 row["pass"] = row.pop("pass_")
+                if secs is not None:
+                    row.update(roofline.fields(
+                        secs, "flash_attention", a.batch, a.heads, length, length,
+                        a.head_dim, causal=causal, backward=name == "fwd+bwd",
+                        dtype_bytes=dtype.itemsize,
+                        work_from=None if impl == "pallas" else "kernels_pallas.flash_attention"))
                 results[(impl, length, name)] = row
                 print(json.dumps(row), flush=True)
 

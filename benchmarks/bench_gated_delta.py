@@ -10,7 +10,10 @@ against passing states device to device, next to the one-device op.
 Shapes are B,L,H,d_k,d_v. `state_array_bytes` is one [B, L, H, d_k, d_v] fp32 array:
 the chunked form's fwd+bwd must stay under it (it keeps states at chunk boundaries
 only); the reference's autodiff keeps one state per token. An impl is only run when
-its temp memory is under --max_run_bytes (otherwise compiled and reported).
+its temp memory is under --max_run_bytes (otherwise compiled and reported). A timed
+row carries the roofline fields (benchmarks/roofline.py) of the gated-delta kernel's
+cost estimate at --chunk_size (the xla, reference and sequence-parallel rows name it
+in "work_from": the work the op must do).
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
 
+from benchmarks import roofline  # noqa: E402
 from benchmarks.bench_scan import measure  # noqa: E402
 from jaxmix import ops, parallel  # noqa: E402
 
@@ -61,11 +65,16 @@ def report(name, fns, x, base, args):
             row["skipped"] = "temp memory"
         else:
             row["seconds"], row["min_seconds"] = measure(compiled, x, args.iters)
+            row.update(roofline.fields(
+                row["seconds"], "gated_delta", base["B"], base["H"], base["L"], base["d_k"],
+                base["d_v"], chunk=args.chunk_size, backward=pass_ == "fwd_bwd",
+                dtype_bytes=x["q"].dtype.itemsize,
+                work_from=None if name == "pallas" else "kernels_pallas.gated_delta"))
         print(json.dumps(row), flush=True)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,L,H,d_k,d_v")
     ap.add_argument("--impls", nargs="*", default=("reference", "xla"))
     ap.add_argument("--devices", type=int, default=0,

@@ -1,5 +1,7 @@
 """Selective scan: reference vs xla vs pallas (interpret mode off TPU), one JSON line
-per (impl, shape, pass) with the median time and the compiled temp memory.
+per (impl, shape, pass) with the median time, the compiled temp memory and, for a
+timed row, the roofline fields (benchmarks/roofline.py) of the scan kernel's cost
+estimate for this backend (the xla and reference rows name it in "work_from").
 
   .venv/bin/python benchmarks/bench_scan.py                 # default shapes
   .venv/bin/python benchmarks/bench_scan.py --shapes 8,256,512,16 1,8192,512,16
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import roofline  # noqa: E402
 from jaxmix import ops  # noqa: E402
 
 DEFAULT_SHAPES = ("1,256,512,16", "8,256,512,16", "1,2048,512,16", "1,8192,512,16")
@@ -60,7 +63,7 @@ def measure(fn, x, iters):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="B,L,D,N")
     ap.add_argument("--impls", nargs="*", default=("reference", "xla", "pallas"))
     ap.add_argument("--iters", type=int, default=5)
@@ -88,6 +91,11 @@ def main():
                     med, best = measure(compiled, x, args.iters)
                     row.update(seconds=med, min_seconds=best,
                                ns_per_elem=1e9 * med / (bsz * length * d * n))
+                    kernel = roofline.scan_kernel()
+                    row.update(roofline.fields(
+                        med, kernel, bsz, length, d, n, backward=name == "fwd_bwd",
+                        dtype_bytes=x["u"].dtype.itemsize,
+                        work_from=None if impl == "pallas" else f"kernels_pallas.{kernel}"))
                 print(json.dumps(row).replace("pass_", "pass"), flush=True)
 
 

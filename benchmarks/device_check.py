@@ -24,7 +24,7 @@ rows: ran, finite results), an "error" line when a check raised, or "skipped" an
   train_step       the mamba_lm train step as train.py builds it (jaxmix.train.loop.Run) on
                    one device: step time, tokens/s, model FLOPs (6 * params * tokens + scan
                    work, as bench_mamba_step; remat recomputation not counted) and MFU against
-                   the chip's bf16 peak (PEAK_*) or, if unknown, a measured matmul probe.
+                   the chip's bf16 peak (roofline.PEAKS) or, if unknown, a measured matmul probe.
   summary          all ok, the failed checks, total seconds.
 fp32 checks run under jax.default_matmul_precision("highest"): on TPU and GPU (TF32) fp32
 matmuls otherwise run at reduced precision, the reference's included.
@@ -42,9 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Imported first: sets up a CPU host as train.py does (freed memory kept, whole loops)
 # before JAX starts.
 from benchmarks import bench_mamba_step  # noqa: E402
-from benchmarks.bench_mamba_step import (SCAN_FLOPS_PER_ELEM, emit, matmul_rate,  # noqa: E402
-                                         time_calls)
+from benchmarks.bench_mamba_step import SCAN_FLOPS_PER_ELEM, emit, time_calls  # noqa: E402
 from benchmarks.bench_train import load_config  # noqa: E402
+from benchmarks.roofline import measured_peaks, spec_peaks  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -58,13 +58,6 @@ from jaxmix.ops.scan_pallas_gpu import selective_scan_pallas_gpu  # noqa: E402
 from jaxmix.ops.selective_scan import selective_scan_reference  # noqa: E402
 from jaxmix.train import state as state_lib  # noqa: E402
 from jaxmix.train.loop import Run  # noqa: E402
-
-# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets: Google Cloud TPU docs
-# (system architecture of v4, v5e, v5p, v6e "Trillium"); NVIDIA H100 and H200 datasheets
-# (H100 SXM / H200: 989 TFLOPS bf16 without sparsity, H100 PCIe 756) and the A100 datasheet.
-PEAK_TPU = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5": 459e12,
-            "tpu v5p": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12}  # exact kind
-PEAK_GPU = (("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12), ("a100", 312e12))
 
 # Shapes: attention (B, L, Hq, Hkv, D), scan (B, L, D, N), train (config, batch, seq_len).
 # Full attention timing at B=2: the baseline's fp32 [B, Hq, L, L] scores (2 GiB) must fit
@@ -220,16 +213,18 @@ def attention_speed(size):
                fwd_bwd_flops=flops)
 
 
-def speed_rows(check, fns, x, work, unit, iters, **fields):
-    """One row per fns[name] (None: an interpreted kernel, not timed): seconds of the jit'd
-    gradient of <fn(x), w> w.r.t. x (forward + backward), `unit` = work / seconds and the
-    ratio to the first entry (the baseline)."""
+def speed_rows(check, fns, x, work, unit, iters, extra=None, **fields):
+    """One row per fns[name] (None: an interpreted kernel, not timed; a string: the
+    reason it is not timed): seconds of the jit'd gradient of <fn(x), w> w.r.t. x
+    (forward + backward), `unit` = work / seconds, the ratio to the first entry (the
+    baseline) and, if given, the fields extra(name, seconds)."""
     baseline, base = next(iter(fns)), {}
-    w = normal(99, jax.eval_shape(fns[baseline], x).shape, jnp.bfloat16)
+    timed = [fn for fn in fns.values() if callable(fn)]
+    w = normal(99, jax.eval_shape(timed[0], x).shape, jnp.bfloat16) if timed else None
     for name, fn in fns.items():
-        if fn is None:
-            report(check, impl=name, skipped="interpreted off its backend: its time would "
-                   "say nothing about the kernel")
+        if not callable(fn):
+            report(check, impl=name, skipped=fn or "interpreted off its backend: its time "
+                   "would say nothing about the kernel")
             continue
 
         def row(name=name, fn=fn):
@@ -237,9 +232,10 @@ def speed_rows(check, fns, x, work, unit, iters, **fields):
             sec, best = median_seconds(fwd_bwd, (x, w), iters)
             if name == baseline:
                 base["rate"] = work / sec
-            return dict(impl=name, ok=True, **fields, seconds=sec, min_seconds=best,
-                        **{unit: work / sec}, baseline=baseline,
-                        ratio_to_baseline=work / sec / base["rate"] if base else None)
+            row = dict(impl=name, ok=True, **fields, seconds=sec, min_seconds=best,
+                       **{unit: work / sec}, baseline=baseline,
+                       ratio_to_baseline=work / sec / base["rate"] if base else None)
+            return {**row, **(extra(name, sec) if extra else {})}
         guarded(check, dict(impl=name), row)
 
 
@@ -294,40 +290,62 @@ def scan_speed(size):
 
 # -------------------------------------------------------------------------- train step
 def peak_flops():
-    """(FLOP/s, source): the spec-sheet bf16 peak of this chip, else a matmul probe."""
-    kind = KIND.lower()
-    if BACKEND == "tpu":
-        peak = PEAK_TPU.get(kind)
-    else:
-        peak = next((p for key, p in PEAK_GPU if BACKEND == "gpu" and key in kind), None)
+    """(FLOP/s, source): the spec-sheet bf16 peak of this chip (benchmarks/roofline.py's
+    PEAKS), else a matmul probe."""
+    peak = spec_peaks(KIND) if BACKEND != "cpu" else None
     if peak:
-        return peak, f"spec sheet bf16 dense peak of {KIND}"
-    best, _ = matmul_rate(n=1024 if BACKEND == "cpu" else 8192, iters=10)
-    return best, "measured fp32 matmul probe (bench_mamba_step.matmul_rate)"
+        return peak[0], f"spec sheet bf16 dense peak of {KIND}"
+    return measured_peaks()[0], "measured matmul probe (roofline.measured_peaks)"
 
 
-def train_step(size):
+TRACE_STEPS = 2  # steps under jax.profiler.trace when train_step is given a trace_dir
+
+
+def profile_steps(step_fn, state, batches, trace_dir):
+    """Runs the steps under jax.profiler.trace(trace_dir) (with a Perfetto trace);
+    returns None, or the error that stopped them as one line."""
+    try:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for b in batches:
+                state, metrics = step_fn(state, b)
+            jax.block_until_ready(metrics)
+    except Exception as e:  # noqa: BLE001 - the timed steps' row still goes out
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+    return None
+
+
+def train_step(size, remat=None, trace_dir=None):
+    """The train_step row; `remat` (if not None) overrides config.model.remat, and with
+    a `trace_dir` TRACE_STEPS more steps run under jax.profiler.trace(trace_dir) after
+    the timed ones (not counted in the times; a failed trace is the row's
+    "trace_error")."""
     spec, batch, seq_len = size["train"]
     warmup, steps = size["steps"]
     config = load_config(spec)
     config.train.update(batch_size=batch, seq_len=seq_len)
     config.mesh.update(data=1, fsdp=1, tensor=1, sequence=1)
+    if remat is not None:
+        config.model.remat = remat
+    traced = TRACE_STEPS if trace_dir else 0
     with tempfile.TemporaryDirectory() as workdir:
         r = Run(config, workdir, devices=jax.devices()[:1])
         try:
             state, it = r.init_fn(), r.data.train_iter
-            batches = [r.to_global(next(it)) for _ in range(warmup + steps)]
+            batches = [r.to_global(next(it)) for _ in range(warmup + steps + traced)]
             t0 = time.perf_counter()
             step_fn = r.train_step.compile(state, batches[0])
             compile_s = time.perf_counter() - t0
             times, losses = [], []
             with jax.set_mesh(r.mesh):
-                for i, b in enumerate(batches):
+                for i, b in enumerate(batches[:warmup + steps]):
                     t0 = time.perf_counter()
                     state, metrics = step_fn(state, b)
                     losses.append(float(metrics["loss"]))  # waits for the step
                     if i >= warmup:
                         times.append(time.perf_counter() - t0)
+                if traced:
+                    trace_error = profile_steps(step_fn, state, batches[warmup + steps:],
+                                                trace_dir)
         finally:
             r.ckpt.close()
     m = config.model
@@ -346,7 +364,15 @@ def train_step(size):
                 model_flops_per_step=flops, flops_6nt=6 * n_params * tokens,
                 flops_scan=flops_scan, achieved_tflops=flops / sec / 1e12,
                 peak_flops=peak, peak_source=source, mfu=flops / sec / peak,
-                loss_first=losses[0], loss_last=losses[-1])
+                loss_first=losses[0], loss_last=losses[-1],
+                **(dict(trace_error=trace_error) if traced else {}))
+
+
+def json_stdout():
+    """JSON lines (emit) on the real stdout only; anything else printing to stdout
+    (libraries, compilers) goes to stderr from here on."""
+    bench_mamba_step.OUT = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
 
 
 def main():
@@ -355,9 +381,7 @@ def main():
                     help="toy (default on CPU) or full (default on TPU/GPU)")
     size_name = ap.parse_args().size or ("toy" if BACKEND == "cpu" else "full")
     size = SIZES[size_name]
-    # JSON lines on the real stdout only; anything else printing to stdout goes to stderr.
-    bench_mamba_step.OUT = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+    json_stdout()
     t0 = time.perf_counter()
     report("env", size=size_name, devices=jax.device_count(), jax=jax.__version__)
     for check, fn in (("attention", attention_checks), ("attention_speed", attention_speed),
