@@ -20,9 +20,8 @@ becomes one row with "ok": false and "error", and the script goes on.
                     default impl and of the chosen setting (the fastest fwd+bwd of the
                     sweep), with roofline fields.
   train_step        device_check's mamba_lm:130m train step (8 x 2048 tokens) with
-                    model.remat "none" and "block" (False / True where the config takes
-                    booleans only): step time, tokens/s, MFU, compile time; the second
-                    also writes a 2-step jax.profiler trace, copied flat into $OUT when
+                    model.remat "none", "block" and "save_kernels": step time,
+                    tokens/s, MFU, compile time; the last also writes a 2-step jax.profiler trace, copied flat into $OUT when
                     OUT is set (else left in a temp dir), its files named in the row.
   attention_packed  causal attention over packed rows (segment ids, several documents a
                     row) fwd+bwd through ops.attention impl "xla", "pallas", "auto" and
@@ -56,7 +55,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import device_check as dc  # noqa: E402 (sets up a CPU host first)
 from benchmarks import roofline  # noqa: E402
-from benchmarks.bench_train import load_config  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -79,7 +77,7 @@ SIZES = {
 # The elapsed share of --budget up to which each phase may start another setting.
 SHARE = {"scan_sweep fwd": 0.30, "scan_sweep fwd_bwd": 0.38, "scan": 0.45,
          "train_step": 0.85, "attention_packed": 1.0}
-REMATS = (("none", False), ("block", True))  # (policy string, the boolean before them)
+REMATS = ("none", "block", "save_kernels")  # the model.remat policies the step runs with
 TRACE_FILES = ("*.xplane.pb", "perfetto_trace.json.gz")
 
 
@@ -218,15 +216,6 @@ def scan_figure(size, chosen):
 
 
 # ------------------------------------------------------------------------ train step
-def remat_values(spec):
-    """The two model.remat values to run: policy strings if the config takes them."""
-    try:
-        load_config(spec).model.remat = REMATS[0][0]
-        return [r[0] for r in REMATS]
-    except TypeError:  # a boolean field
-        return [r[1] for r in REMATS]
-
-
 def keep_trace(trace_dir):
     """Copies the trace's files flat into $OUT (set: files deeper than two folders don't
     come back from a device run); returns the paths that hold them."""
@@ -245,7 +234,7 @@ def keep_trace(trace_dir):
 
 def train_steps(size, budget):
     spec = size["train"][0]
-    values = remat_values(spec)
+    values = REMATS
     for i, remat in enumerate(values):
         if not budget.allows("train_step", [f"remat={v!r}" for v in values[i:]]):
             return

@@ -58,7 +58,7 @@ def test_dry_run_emits_every_section(tmp_path):
         timed(r, "gbps", "setting")
     assert set(scan[0]["setting"]) == {"block_d", "num_warps", "chunk"}
     train = by["train_step"]
-    assert [r["remat_requested"] for r in train] in (["none", "block"], [False, True])
+    assert [r["remat_requested"] for r in train] == ["none", "block", "save_kernels"]
     for r in train:
         assert r["ok"] is True and r["step_seconds"] > 0 and r["tokens_per_sec"] > 0, r
         assert r["mfu"] > 0 and r["compile_s"] > 0, r
