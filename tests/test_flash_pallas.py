@@ -52,14 +52,14 @@ def check(q, k, v, kw, interpret=TPU_INTERPRET, segments=None):
 
 
 @pytest.mark.parametrize("b,l,s,hq,hkv,d,kw", [
-    # causal GQA, 2x2 tiles (one skipped), head dim padded 64 -> 128
-    (1, 256, 256, 4, 2, 64, dict(causal=True)),
+    # causal GQA, 2x2 tiles of 128 (one skipped, one mask-free), head dim 64 -> 128
+    (1, 256, 256, 4, 2, 64, dict(causal=True, block_q=128, block_k=128)),
     # decoding-like: one query, ragged S, MQA, full 128 lanes
     (1, 1, 130, 4, 1, 128, dict(causal=True)),
     # bottom-right causal with L > S: the first 90 rows see nothing (0, lse -inf)
     (1, 220, 130, 2, 1, 32, dict(causal=True)),
     # sliding window across tile edges, ragged L
-    (1, 300, 300, 1, 1, 32, dict(causal=True, sliding_window=60)),
+    (1, 300, 300, 1, 1, 32, dict(causal=True, sliding_window=60, block_q=128, block_k=128)),
 ])
 def test_pallas_matches_masks(b, l, s, hq, hkv, d, kw):
     q, k, v = make_qkv(l + s, b, l, s, hq, hkv, d)
@@ -100,7 +100,8 @@ def test_pallas_masks_multi_block(b, l, s, hq, hkv, kw, segments, interpret):
 
 def test_pallas_sink_public_api():
     """ops.attention(impl="pallas", sink=...) in TPU interpret mode with the default
-    128 blocks: sink 70 and window 100 leave key block 1 dead for query block 3."""
+    blocks (512, so the whole problem is one partially visible tile: sink 70 and
+    window 100 masked inside it; multi-block sink/window grids run above)."""
     q, k, v = make_qkv(11, 1, 512, 512, 2, 1, 32)
     fn = functools.partial(ops.attention, impl="pallas", return_lse=True)
     assert_matches(fn, q, k, v, dict(causal=True, sliding_window=100, sink=70))
@@ -137,10 +138,12 @@ def test_index_maps_fetch_only_live_blocks(l, s, bq, bk, window, sink):
     """The forward / dq kv index map gives a live step j its own block j and a dead step
     a repeat of a neighbouring live block, so the distinct blocks fetched (consecutive
     repeats issue no DMA) are exactly the live ones; `_live` agrees tile by tile; the
-    dk/dv kernel's query range [lo, hi] is exactly each key block's live query blocks."""
+    dk/dv kernel's query range [lo, hi] is exactly each key block's live query blocks;
+    `_full` (the mask-free branch) holds exactly on the tiles with every pair visible."""
     spec = fa.Spec(causal=True, window=window, sink=sink, scale=1.0, q_len=l, kv_len=s,
                    offset=s - l, block_q=bq, block_k=bk, groups=1, segments=False)
     tiles = _tiles(l, s, bq, bk, window, sink)
+    mask = visible(1, l, s, causal=True, window=window, sink=sink)[0]
     nq, nk = tiles.shape
     _, kv_map = fa._q_major_maps(spec, nk)
     for i in range(nq):
@@ -155,6 +158,15 @@ def test_index_maps_fetch_only_live_blocks(l, s, bq, bk, window, sink):
         if live.size:
             lo, hi = (int(x) for x in fa._q_range(spec, j, nq))
             assert list(live) == list(range(lo, hi + 1)), (j, lo, hi)
+    for i in range(nq):
+        for j in range(nk):
+            rows, cols = slice(i * bq, (i + 1) * bq), slice(j * bk, (j + 1) * bk)
+            all_visible = bool(mask[rows, cols].all())
+            full = bool(fa._full(spec, i, j))
+            if (i + 1) * bq <= l:   # tiles of real rows: mask-free exactly when all visible
+                assert full == (all_visible and (j + 1) * bk <= s), (i, j)
+            else:                   # padded rows are never read back
+                assert not full or all_visible, (i, j)
     if (l, s, bq, window, sink) == (512, 512, 64, 90, 100):
         assert [int(kv_map(0, 0, nq - 1, j)[2]) for j in range(nk)] == [0, 1, 5, 5, 5, 5, 6, 7]
 

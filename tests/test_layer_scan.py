@@ -1,6 +1,8 @@
 """The LM's layers as a scan over repeats of the mixer pattern, and the remat policies:
 same numbers as the unrolled blocks, the selective scan's forward run once per layer
 unless the policy is "block", and the presets' parameter counts."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -113,3 +115,29 @@ def test_presets_state_their_parameter_count():
         model = models.build(mamba_lm.get_config(preset).model)
         got = sum(x.size for x in jax.tree.leaves(models.abstract_params(model)))
         assert got == want, (preset, got)
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_save_kernels_keeps_the_pallas_scans_outputs(impl):
+    """The Pallas scans' forwards tag y, the last state and the chunk states: under
+    "save_kernels" the gradient's jaxpr holds one forward pallas_call per remat'd call
+    ("block": two)."""
+    from jaxmix.models.remat import checkpoint_policy
+    from jaxmix.ops.scan_pallas import selective_scan_pallas
+    from jaxmix.ops.scan_pallas_gpu import selective_scan_pallas_gpu
+    # The generic Pallas interpreter: TPU interpret mode's callbacks have effects that
+    # jax.checkpoint does not take (on a TPU the kernel is compiled, without them).
+    fn = functools.partial(selective_scan_pallas if impl == "pallas_tpu"
+                           else selective_scan_pallas_gpu, interpret=True)
+    ks = jax.random.split(jax.random.key(0), 4)
+    u = jax.random.normal(ks[0], (1, 16, 8))
+    B, C = jax.random.normal(ks[1], (1, 16, 4)), jax.random.normal(ks[2], (1, 16, 4))
+    A = -jnp.ones((8, 4))
+
+    def forward_calls(policy):
+        def f(u):
+            return jnp.sum(fn(jnp.tanh(u), u, A, B, C, delta_softplus=True) ** 2)
+        jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(f, policy=policy)))(u).jaxpr
+        return str(jaxpr).count("pallas_call") - 1  # one is the backward kernel
+    assert forward_calls(checkpoint_policy("save_kernels")) == 1
+    assert forward_calls(checkpoint_policy("block")) == 2

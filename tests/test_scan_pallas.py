@@ -87,8 +87,9 @@ def test_pallas_dispatch_and_tiles():
     assert rel_err(y, selective_scan_reference(**args)) < 1e-5
     assert tiles(37, 130, 16) == (48, 48, 256, 256)
     assert tiles(300, 16, 4) == (128, 384, 128, 128)
-    assert tiles(2048, 1024, 16)[2:] == (256, 1024)
-    assert tiles(2048, 1024, 64)[2:] == (128, 1024)  # VMEM bound on the state buffer
+    assert tiles(2048, 1024, 16)[2:] == (1024, 1024)
+    assert tiles(2048, 3072, 16)[2:] == (1024, 3072)  # 1536 lanes: backward over budget
+    assert tiles(2048, 1024, 64)[2:] == (256, 1024)  # VMEM bound on the state buffer
 
 
 def test_pallas_bf16_error_within_twice_reference():

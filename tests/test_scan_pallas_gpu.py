@@ -6,14 +6,17 @@ The default set is a small cover of the B x L x D x N grid (every value of every
 factor at least once); the full grid is marked exhaustive. Errors are normalised
 like tests/test_selective_scan.py (max abs error over max |reference|).
 """
+import functools
 import itertools
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import pallas as pl
 
-from jaxmix.ops.scan_pallas_gpu import default_interpret, selective_scan_pallas_gpu, tiles
+from jaxmix.ops.scan_pallas_gpu import (DEFAULT, TUNING, default_interpret,
+                                        selective_scan_pallas_gpu, settings, tiles)
 from jaxmix.ops.selective_scan import selective_scan_reference
 from kernels_pallas import selective_scan_gpu as kernel
 from test_selective_scan import (ALL, BARE, SEGMENT_STARTS, assert_close, fwd_bwd_temp_vs_BLDN,
@@ -21,16 +24,19 @@ from test_selective_scan import (ALL, BARE, SEGMENT_STARTS, assert_close, fwd_bw
 
 GRID = list(itertools.product((1, 2), (1, 17, 256, 1000), (16, 130), (4, 16)))
 # (shape, inputs used, extra options); together every B, L, D and N of GRID, with and
-# without z and the delta bias. The second case also runs three chunks of 8 steps (the
-# last one ragged) over nine channel blocks of 16 (D = 130 padded to 144) without the
-# softplus; the fourth sixteen chunks of 64 (the last ragged) with N = 4 padded to 16;
-# the last one reverse=True over three chunks of 8 (the ragged one walked first) with D
-# and N padded.
-FAST = [((1, 1, 16, 4), ALL, {}),
+# without z and the delta bias. Interpret mode compiles every unrolled chunk, so most
+# cases pick short chunks. The first case runs a single ragged chunk (L = 1 below
+# chunk = 4: no chunk loop). The second runs two chunks of 8 steps and a ragged one of
+# 1 over nine channel blocks of 16 (D = 130 padded to 144) without the softplus and
+# without prefetching the next chunk's rows; the third sixteen chunks of the default
+# length; the fourth 166 chunks of 6 and a ragged one of 4 with N = 4 padded to 16;
+# the last one reverse=True over two chunks of 8 and the ragged one of 3, walked
+# first, with D and N padded.
+FAST = [((1, 1, 16, 4), ALL, dict(chunk=4)),
         ((2, 17, 130, 16), BARE | {"D", "initial_state"},
-         dict(softplus=False, chunk=8, block_d=16)),
+         dict(softplus=False, chunk=8, block_d=16, prefetch=False)),
         ((1, 256, 16, 16), BARE | {"z"}, {}),
-        ((2, 1000, 130, 4), ALL, {}),
+        ((2, 1000, 130, 4), ALL, dict(chunk=6)),
         ((1, 19, 20, 4), ALL, dict(reverse=True, chunk=8))]
 TRITON_CALL = re.compile(r"custom_call @__gpu\$xla\.gpu\.triton\(")
 
@@ -64,8 +70,9 @@ def test_gpu_kernel_segments_match_reference():
 
 
 def test_gpu_tiles_and_errors():
-    assert tiles(1000, 130, 4) == (32, 160, 16, 64)
-    assert tiles(17, 16, 16) == (16, 16, 16, 17)
+    assert DEFAULT["block_d"] == 32 and settings("cpu") == DEFAULT
+    assert tiles(1000, 130, 4, device_kind="cpu") == (32, 160, 16, DEFAULT["chunk"])
+    assert tiles(3, 16, 16, device_kind="cpu") == (16, 16, 16, 3)
     assert tiles(300, 512, 64, block_d=64, chunk=32) == (64, 512, 64, 32)
     assert default_interpret() == (jax.default_backend() != "gpu")
     x = make_inputs(1, 8, 16, 4)
@@ -83,6 +90,43 @@ def test_gpu_tiles_and_errors():
                         block_d=16, chunk=4, interpret=True)
 
 
+def test_gpu_tuning_table_and_overrides():
+    """settings() picks the table entry whose key occurs in the device kind (DEFAULT
+    otherwise); explicit block_d / chunk / num_warps reach the kernels' launch."""
+    assert settings("NVIDIA H200") == TUNING["H200"]
+    assert settings("NVIDIA H100 80GB HBM3") == TUNING["H100"]
+    assert settings("NVIDIA A100-SXM4-80GB") == TUNING["A100"]
+    assert settings("NVIDIA GeForce RTX 4090") == DEFAULT
+    for entry in (DEFAULT, *TUNING.values()):
+        assert set(entry) == {"block_d", "chunk", "num_warps", "num_stages", "prefetch"}
+        assert entry["block_d"] & (entry["block_d"] - 1) == 0 and entry["chunk"] >= 1
+    x = make_inputs(1, 8, 64, 4)
+    args = {k: x[k] for k in BARE}
+    jaxpr = str(jax.make_jaxpr(lambda a: selective_scan_pallas_gpu(
+        **a, interpret=False, block_d=16, chunk=4, num_warps=2))(args))
+    # four channel blocks of 16, two chunk-start states of [64, 16], two warps
+    assert "grid=(1, 4)" in jaxpr and "f32[1,2,64,16]" in jaxpr and "num_warps=2" in jaxpr
+
+
+def test_gpu_cost_estimate():
+    """cost_estimate counts the blocks moved: the backward moves and computes more than
+    the forward, bf16 moves fewer bytes than fp32, and every pallas_call carries one."""
+    fwd = kernel.cost_estimate(8, 2048, 1536, 16, backward=False, dtype_bytes=2)
+    bwd = kernel.cost_estimate(8, 2048, 1536, 16, backward=True, dtype_bytes=2)
+    fwd32 = kernel.cost_estimate(8, 2048, 1536, 16, backward=False, dtype_bytes=4)
+    assert isinstance(fwd, pl.CostEstimate)
+    assert bwd.bytes_accessed > fwd.bytes_accessed and bwd.flops > fwd.flops
+    assert fwd32.bytes_accessed > fwd.bytes_accessed
+    # at least u, delta, z, y once each; at most twice that plus the chunk-start states
+    bld = 8 * 2048 * 1536 * 2
+    assert 4 * bld < fwd.bytes_accessed < 8 * bld + 8 * 2048 * 1536 * 16 * 4 // 16
+    x = make_inputs(1, 8, 16, 4)
+    args = {k: x[k] for k in BARE}
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: jnp.sum(selective_scan_pallas_gpu(
+        **a, interpret=False))))(args))
+    assert jaxpr.count("cost_estimate=CostEstimate(flops=") == 2
+
+
 def test_gpu_kernel_bf16_error_within_twice_reference():
     """bf16 inputs: the kernel's error against an fp32 evaluation of the same
     (bf16-rounded) inputs is at most 2x the reference's own bf16 error."""
@@ -90,7 +134,8 @@ def test_gpu_kernel_bf16_error_within_twice_reference():
     x32 = {k: v.astype(jnp.float32) for k, v in x.items()}
     (y_t, h_t), g_t = outputs_and_grads(selective_scan_reference, x32, ALL)
     (y_r, h_r), g_r = outputs_and_grads(selective_scan_reference, x, ALL)
-    (y_p, h_p), g_p = outputs_and_grads(selective_scan_pallas_gpu, x, ALL, interpret=True)
+    (y_p, h_p), g_p = outputs_and_grads(selective_scan_pallas_gpu, x, ALL, interpret=True,
+                                        chunk=8)
     assert y_p.dtype == jnp.bfloat16
     assert rel_err(y_p, y_t) <= 2 * rel_err(y_r, y_t) + 1e-6
     assert rel_err(h_p, h_t) <= 2 * rel_err(h_r, h_t) + 1e-6
@@ -128,8 +173,10 @@ def test_gpu_kernels_lower_for_triton(dtype):
 
 def test_gpu_kernel_memory_never_holds_BLDN():
     """B=1, L=8192, D=512, N=16 (interpret mode, compiled, not run): forward+backward
-    temp memory stays under one fp32 [B, L, D, N] array."""
-    temp, one_bldn = fwd_bwd_temp_vs_BLDN(selective_scan_pallas_gpu)
+    temp memory, the chunk-start states of chunks of 8 included, stays under one fp32
+    [B, L, D, N] array."""
+    temp, one_bldn = fwd_bwd_temp_vs_BLDN(functools.partial(selective_scan_pallas_gpu,
+                                                            chunk=8))
     assert temp < one_bldn, (temp, one_bldn)
 
 

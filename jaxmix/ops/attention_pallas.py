@@ -1,8 +1,9 @@
 """attention(impl="pallas"): layout, padding and custom_vjp around kernels_pallas.
 
 Transposes [B, L, H, D] to the kernels' [B, H, L, D], pads the head dim to 128
-lanes and L, S to multiples of the blocks (padded keys are masked in-kernel,
-padded queries sliced off), broadcasts segment ids and row statistics to the
+lanes and L, S to multiples of the blocks (512 x 512 by default, each clipped to its
+128-rounded length; padded keys are masked in-kernel, padded queries sliced off),
+broadcasts segment ids and row statistics to the
 TPU-friendly layouts the kernels expect, and runs forward, dq and dk/dv kernels.
 Off TPU the kernels run interpreted (`per_device.tpu_kernel_interpret`: TPU interpret
 mode on one CPU device, the generic interpreter otherwise). Not yet run on a real TPU.
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 from jaxmix.ops.per_device import tpu_kernel_interpret
 from kernels_pallas import flash_attention as fa
 
-BLOCK_Q = 128
-BLOCK_K = 128
+BLOCK_Q = fa.DEFAULT_BLOCK   # 512, clipped to the 128-rounded lengths in `_prepare`
+BLOCK_K = fa.DEFAULT_BLOCK
 
 
 def _round_up(x, m):

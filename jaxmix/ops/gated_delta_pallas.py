@@ -5,8 +5,11 @@ differentiates the chunked xla form (`gated_delta_rule_xla`, which recomputes th
 forward chunk by chunk and keeps only chunk-boundary states). Off TPU the kernel runs
 interpreted (`per_device.tpu_kernel_interpret`): slow, meant for tests.
 
-This layer normalises and scales q and k, moves heads before time ([B, H, L, d]) and
-pads L to a multiple of the chunk (beta = 0 and g = 0 there, so the state passes).
+This layer normalises and scales q and k, moves heads before time ([B, H, L, d]),
+pads L to a multiple of the chunk (beta = 0 and g = 0 there, so the state passes) and
+packs g, beta and the segment run index into the kernel's lane-dense [8, C] row block
+per chunk. The kernel's matmuls take bf16 operands with fp32 accumulation (see
+kernels_pallas.gated_delta); the backward (xla) stays fp32.
 """
 import functools
 
@@ -35,10 +38,21 @@ def _forward(q, k, v, g, beta, s0, seg, static):
                                     [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
     runs = jnp.pad(run_ids(seg, b, length), [(0, 0), (0, pad)], mode="edge")
     o, state = kernel.delta_fwd(
-        heads_first(q32), heads_first(k32), heads_first(v32), heads_first(g32[..., None]),
-        heads_first(b32[..., None]), runs.astype(jnp.float32)[:, None, :, None],
-        s0, chunk=c, interpret=opts["interpret"])
+        heads_first(q32), heads_first(k32), heads_first(v32),
+        _rows(heads_first(g32), heads_first(b32), runs, c), s0, chunk=c,
+        matmul_dtype=jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16,
+        interpret=opts["interpret"])
     return jnp.moveaxis(o[:, :, :length], 1, 2).astype(q.dtype), state
+
+
+def _rows(g_BHL, beta_BHL, runs_BL, chunk):
+    """The kernel's lane-dense [B, H, Lp / C, 8, C] block per chunk: rows g, beta and
+    the run index (fp32, broadcast over heads), zeros below."""
+    b, h, lp = g_BHL.shape
+    runs = jnp.broadcast_to(runs_BL.astype(jnp.float32)[:, None], (b, h, lp))
+    rows = jnp.stack([g_BHL, beta_BHL, runs], axis=2)                       # [B, H, 3, Lp]
+    rows = rows.reshape(b, h, 3, lp // chunk, chunk).transpose(0, 1, 3, 2, 4)
+    return jnp.pad(rows, [(0, 0)] * 3 + [(0, kernel.N_ROWS - 3), (0, 0)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

@@ -3,9 +3,10 @@ wrapped with a custom_vjp (gradients for u, delta, A, B, C, D, z, delta_bias and
 initial state).
 
 This layer pads and lays out the arrays for the kernels: L up to a multiple of the
-time tile (masked inside the kernel), D up to a multiple of the 128-lane channel
-tile (cut off afterwards), B and C transposed to [B, N, L] and A to [N, D] so the
-state is [N, D] with channels on lanes. Off TPU the kernels run interpreted
+time tile (masked inside the kernel), D up to a multiple of the channel tile
+(`tiles`: up to 1536 lanes, sized by the kernels' VMEM model; cut off afterwards),
+B and C transposed to [B, N, L] and A to [N, D] so the state is [N, D] with channels
+on lanes. Off TPU the kernels run interpreted
 (`per_device.tpu_kernel_interpret`), which is slow and meant for tests.
 reverse=True (the scan from the last step to the first, see ops.selective_scan) is
 a flag of the kernels, which walk the time tiles and the steps inside them the other
@@ -18,27 +19,32 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxmix.ops import residuals
 from jaxmix.ops.per_device import tpu_kernel_interpret
 from jaxmix.ops.selective_scan import keep_mask
 from kernels_pallas import selective_scan as kernel
+from kernels_pallas import vmem
 
 LANES = 128
-# The backward keeps block_l recomputed [N, block_d] fp32 states in VMEM.
-VMEM_STATE_BYTES = 2 << 20
+MAX_BLOCK_D = 1536     # channel tile cap: 24 vregs of state per step at N = 16
 
 
-def tiles(length, d, n=16, block_l=None, block_d=None):
+def tiles(length, d, n=16, block_l=None, block_d=None, dtype=jnp.bfloat16):
     """(block_l, Lp, block_d, Dp): the time tile is 128 steps (or all of a short
-    sequence, rounded up to 16 sublanes, bf16's tile); the channel tile is 512, 256 or
-    128 lanes, the widest that divides the padded D and keeps the backward's
-    [block_l, N, block_d] fp32 state buffer within VMEM_STATE_BYTES."""
+    sequence, rounded up to 16 sublanes, bf16's tile); the channel tile is the widest
+    multiple of 128 lanes up to MAX_BLOCK_D that divides the 128-padded D and keeps
+    both kernels' VMEM footprints (kernels_pallas.selective_scan.fwd_vmem_bytes /
+    bwd_vmem_bytes, from their BlockSpecs) within kernels_pallas.vmem.BUDGET."""
     if block_l is None:
         block_l = 128 if length > 128 else -(-length // 16) * 16
     lp = -(-length // block_l) * block_l
     dp = -(-d // LANES) * LANES
     if block_d is None:
-        fits = [bd for bd in (512, 256, 128)
-                if dp % bd == 0 and block_l * n * bd * 4 <= VMEM_STATE_BYTES]
+        fits = [bd for bd in range(min(dp, MAX_BLOCK_D), 0, -LANES)
+                if dp % bd == 0 and max(
+                    kernel.fwd_vmem_bytes(n, block_l, bd, dtype=dtype, has_keep=True),
+                    kernel.bwd_vmem_bytes(n, block_l, bd, dtype=dtype, has_keep=True))
+                <= vmem.BUDGET]
         block_d = fits[0] if fits else LANES
     dp = -(-dp // block_d) * block_d
     return block_l, lp, block_d, dp
@@ -59,6 +65,8 @@ def make_core(kernel):
     def core_fwd(u, delta, z, b, c, a, dskip, bias, h0, keep, static):
         y, h_last, hs = kernel.scan_fwd(u, delta, z, b, c, a, dskip, bias, h0, keep,
                                         **dict(static))
+        # What the kernel computed is tagged: a remat policy keeps it, not rerun it.
+        y, h_last, hs = residuals.keep((y, h_last, hs))
         return (y, h_last), (u, delta, z, b, c, a, dskip, bias, hs, h0, keep)
 
     def core_bwd(static, res, cts):
@@ -86,7 +94,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           block_d=None):
     bsz, length, d = u.shape
     n = A.shape[-1]
-    block_l, lp, block_d, dp = tiles(length, d, n, block_l, block_d)
+    block_l, lp, block_d, dp = tiles(length, d, n, block_l, block_d, u.dtype)
     interpret = tpu_kernel_interpret() if interpret is None else interpret
     pad_ld = lambda x: jnp.pad(x, ((0, 0), (0, lp - length), (0, dp - d)))
     pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dp - d)])
