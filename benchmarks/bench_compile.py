@@ -1,7 +1,8 @@
 """Compile time of the model's gradient against its depth: the 130m Mamba shape
 (configs/mamba_lm.py:130m: d_model 768, bf16, model.remat as the preset sets it) at
 2 and 24 layers, L 256, batch 1, with the layers run as a scan over repeats
-(`model.scan_layers`, the default) and, as the baseline in the same run, unrolled.
+(`model.scan_layers="scan"`, as the preset sets it) and, as the baseline in the same
+run, unrolled.
 
   .venv/bin/python benchmarks/bench_compile.py [--layers 2 24] [--remat block]
 
@@ -37,7 +38,7 @@ def grad_fn(model):
 
 def compile_seconds(n_layers, scan_layers, remat, seq_len):
     config = config_files.load_config("configs/mamba_lm.py:130m", root=ROOT)
-    config.model.update(n_layers=n_layers, scan_layers=scan_layers)
+    config.model.update(n_layers=n_layers, scan_layers="scan" if scan_layers else "unroll")
     if remat:
         config.model.remat = remat
     model = models.build(config.model)

@@ -50,7 +50,7 @@ def base_config():
     c.model = ml_collections.ConfigDict(dict(
         family="lm", d_model=256, n_layers=4, vocab_size=256, vocab_multiple=8,
         mixer_pattern=("mamba",), d_ff=0, tie_embeddings=True, norm_eps=1e-5,
-        dtype="float32", remat="none", scan_layers=True, mlp_bias=False,
+        dtype="float32", remat="none", scan_layers="auto", mlp_bias=False,
         mixers=models.default_mixers()))
     c.train = ml_collections.ConfigDict(dict(
         steps=400, decay_steps=400, batch_size=16, seq_len=256, learning_rate=4e-3, warmup_steps=50,
@@ -82,6 +82,7 @@ def smoke_train(c):
 def pod_train(c, learning_rate):
     """The run shape of the pod-scale presets: FSDP over every chip (see the docstring)."""
     c.mesh.update(data=1, fsdp=-1, tensor=1, sequence=1)
+    c.model.scan_layers = "scan"  # one layer compiled, on every backend
     c.train.update(steps=100_000, decay_steps=100_000, batch_size=256, seq_len=2048,
                    learning_rate=learning_rate, warmup_steps=2000, log_every=50,
                    eval_every=2000, checkpoint_every=1000)

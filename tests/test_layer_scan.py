@@ -59,17 +59,17 @@ def model_and_loss(spec, n_repeats, **fields):
 def test_scanned_layers_match_unrolled(spec):
     """Loss and gradients of the scanned layers equal the unrolled blocks' (same params:
     the per-layer layout is kept), with and without remat."""
-    params, want_loss = model_and_loss(spec, 2, scan_layers=False, remat="none")
+    params, want_loss = model_and_loss(spec, 2, scan_layers="unroll", remat="none")
     want = jax.jit(jax.value_and_grad(want_loss))(params)
     for remat in ("none", "save_kernels"):
-        _, loss = model_and_loss(spec, 2, scan_layers=True, remat=remat)
+        _, loss = model_and_loss(spec, 2, scan_layers="scan", remat=remat)
         got = jax.jit(jax.value_and_grad(loss))(params)
         assert abs(float(got[0] - want[0])) <= 1e-6 * abs(float(want[0]))
         for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
             assert float(jnp.max(jnp.abs(g - w))) <= 1e-5 * (float(jnp.max(jnp.abs(w))) + 1e-6)
 
 
-@pytest.mark.parametrize("scan_layers, n_bodies", [(False, 4), (True, 1)])
+@pytest.mark.parametrize("scan_layers, n_bodies", [("unroll", 4), ("scan", 1)])
 def test_remat_runs_the_scan_forward_once_per_layer(scan_layers, n_bodies):
     """Counted in the gradient's jaxpr of a 4-layer Mamba LM: one forward per layer
     (unrolled: 4; scanned: 1 in the loop body run for every layer) without remat and
@@ -85,15 +85,25 @@ def test_remat_runs_the_scan_forward_once_per_layer(scan_layers, n_bodies):
 
 def test_layers_configured_differently_stay_unrolled():
     """The scan needs layer i configured as layer i + P: DuoAttention's per-layer head
-    split breaks that, and the blocks then run one by one."""
+    split breaks that, and the blocks then run one by one. model.scan_layers chooses
+    the layout ("auto": unrolled on the CPU backend, which these tests run on)."""
     config = load_config("configs/transformer_lm.py:smoke")
     cfg = models.normalize_config(config.model)
+    cfg.scan_layers = "scan"
     assert scan_repeat(cfg, layer_mixers(cfg)) == len(cfg.mixer_pattern)
     cfg.duo = {"retrieval": [1] + [0] * (cfg.n_layers - 1), "sink": 4, "recent": 8}
     assert scan_repeat(cfg, layer_mixers(cfg)) == 0
     cfg.duo = None
-    cfg.scan_layers = False
+    cfg.scan_layers = "unroll"
     assert scan_repeat(cfg, layer_mixers(cfg)) == 0
+    cfg.scan_layers = "auto"
+    assert scan_repeat(cfg, layer_mixers(cfg)) == 0
+    from jaxmix.models.lm import layer_layout
+    assert layer_layout({"scan_layers": True}) == "scan"  # older boolean values
+    assert layer_layout({"scan_layers": False}) == "unroll"
+    cfg.scan_layers = "sometimes"
+    with pytest.raises(ConfigError, match="model.scan_layers='sometimes': choose from auto"):
+        scan_repeat(cfg, layer_mixers(cfg))
 
 
 def test_remat_values():

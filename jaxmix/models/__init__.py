@@ -11,6 +11,7 @@ from jaxmix.models.config import (SHARED, default_mixers, kind_of, layer_kinds, 
 from jaxmix import mixers
 from jaxmix.models import encoder, remat
 from jaxmix.models.encoder import Encoder
+from jaxmix.models import lm
 from jaxmix.models.lm import LM, padded_vocab
 
 FAMILIES = {"lm": LM, "encoder": Encoder}
@@ -58,6 +59,7 @@ def build(model_config):
     if family not in FAMILIES:
         raise ConfigError(f"model.family: unknown {family!r}; choose from {sorted(FAMILIES)}")
     remat.policy_name(cfg)
+    lm.layer_layout(cfg)
     for name, cls, mixer_cfg in layer_mixers(cfg):  # early checks, outside jit
         if hasattr(cls, "check_config"):
             cls.check_config(mixer_cfg, f"model.mixers.{name}")

@@ -10,9 +10,11 @@ their `aux_weight` (what the trainer adds to the cross-entropy).
 
 Blocks are rematerialised as `model.remat` says (`jaxmix.models.remat`). Layers that
 repeat (the pattern tiled R >= 2 times, every repeat configured alike) run as one
-`lax.scan` over the repeats when `model.scan_layers` is on (the default) and no
-decoding cache is in use: XLA compiles one repeat of the pattern instead of all
-n_layers blocks. The parameters keep their per-layer layout (`layers_<i>`) either way,
+`lax.scan` over the repeats when `model.scan_layers` says "scan" ("auto", the
+default: on TPU/GPU, not on the CPU backend) and no decoding cache is in use: XLA
+compiles one repeat of the pattern instead of all n_layers blocks. On CPU the
+unrolled blocks train faster (measured 25-35% on the default Mamba preset: XLA:CPU
+runs a loop body's work on fewer threads), and small models compile quickly anyway. The parameters keep their per-layer layout (`layers_<i>`) either way,
 so checkpoints, conversions and per-layer tools see one tree; the scan stacks them
 along a leading repeat axis inside the step (one extra copy of the block parameters
 and of their gradients, which XLA frees after use).
@@ -23,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmix import cpu
+from jaxmix.errors import ConfigError
 from jaxmix.models import remat
 from jaxmix.models.config import layer_mixers
 from jaxmix.nn import DenseGeneral, RMSNorm, SwiGLU, compute_dtype, constrain
@@ -71,12 +75,29 @@ def combine_aux(cfg, layer_aux):
     return out
 
 
+LAYOUTS = ("auto", "scan", "unroll")
+
+
+def layer_layout(cfg):
+    """`model.scan_layers` resolved for the default backend: "scan" or "unroll" ("auto":
+    scan on TPU/GPU, unroll on the CPU backend; true/false read as scan/unroll)."""
+    value = cfg.get("scan_layers", "auto")
+    if isinstance(value, bool):
+        return "scan" if value else "unroll"
+    if value not in LAYOUTS:
+        raise ConfigError(f"model.scan_layers={value!r}: choose from {', '.join(LAYOUTS)}")
+    if value == "auto":
+        return "unroll" if cpu.on_cpu() else "scan"
+    return value
+
+
 def scan_repeat(cfg, layers):
-    """The pattern's length P when the layers run as a scan over repeats of it: on with
-    `model.scan_layers`, at least 2 repeats, and layer i configured exactly as layer
-    i + P (DuoAttention's per-layer head split, for one, is not); else 0."""
+    """The pattern's length P when the layers run as a scan over repeats of it:
+    `layer_layout` is "scan", the pattern repeats at least twice, and layer i is
+    configured exactly as layer i + P (DuoAttention's per-layer head split, for one,
+    is not); else 0."""
     period = len(tuple(cfg.mixer_pattern))
-    if not cfg.get("scan_layers", True) or len(layers) < 2 * period:
+    if layer_layout(cfg) != "scan" or len(layers) < 2 * period:
         return 0
     same = all(layers[i][1:] == layers[i % period][1:] for i in range(len(layers)))
     return period if same else 0
