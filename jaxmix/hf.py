@@ -36,7 +36,7 @@ def _model_config(shared, mixer, **fields):
     from jaxmix.models import default_mixers
     mixers = default_mixers(mixer)
     mixers[mixer].update(fields)
-    return ml_collections.ConfigDict(dict(family="lm", dtype="float32", remat=False,
+    return ml_collections.ConfigDict(dict(family="lm", dtype="float32", remat="none",
                                           mixer_pattern=(mixer,), mixers=mixers, **shared))
 
 

@@ -29,12 +29,12 @@ def has_loop(jaxpr):
 
 
 def scan_forward_runs(jaxpr):
-    """How many times the jaxpr runs the xla selective scan's forward loop (its own jit,
-    `_scan_forward`; the loop-free part that partial evaluation hoists from it does not
-    count)."""
+    """How many times the jaxpr runs the xla selective scan's forward loop (its own
+    jit, `_scan_forward_loop`; the loop-free part that partial evaluation hoists from it
+    does not count)."""
     n = 0
     for eqn in jaxpr.eqns:
-        if eqn.params.get("name") == "_scan_forward" and any(
+        if eqn.params.get("name") == "_scan_forward_loop" and any(
                 has_loop(s) for s in sub_jaxprs(eqn)):
             n += 1
         n += sum(scan_forward_runs(s) for s in sub_jaxprs(eqn))

@@ -53,6 +53,7 @@ def test_flat_config_of_an_older_workdir_reads_into_entries(tmp_path):
     cfg = models.normalize_config(FLAT)
     assert cfg.mixers.mamba.d_state == 4 and cfg.mixers.attention.n_kv_heads == 2
     assert "d_state" not in cfg and "n_heads" not in cfg
+    assert cfg.remat == "none"  # the boolean of older configs, by its name
     tokens = jnp.zeros((1, 4), jnp.int32)
     old = init(models.build(FLAT), tokens)
     new = init(models.build(cfg), tokens)

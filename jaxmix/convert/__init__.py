@@ -40,7 +40,7 @@ def preset_config(model_config, configs_dir=CONFIGS_DIR):
     if not os.path.exists(path):
         raise ConfigError(f"convert: {path} not found; run from a jaxmix checkout")
     config = config_files.load_config(path + ":default")
-    config.model.update(model_config.to_dict())
+    config.model.update(models.normalize_config(model_config).to_dict())
     config.model.mixer_pattern = tuple(model_config.mixer_pattern)
     return config
 

@@ -30,6 +30,8 @@ SHARED = ("family", "vocab_size", "vocab_multiple", "d_model", "n_layers", "d_ff
 ENCODER_FIELDS = ("patch_dim", "max_len", "cls_token", "pool", "n_classes", "head",
                   "layer_average")
 MODEL_FIELDS = SHARED + ("mixer_pattern", "mixers", "duo") + ENCODER_FIELDS
+# Fields that were booleans before they took names: field -> (name for true, for false).
+_BOOLEAN_FIELDS = {"remat": ("block", "none"), "scan_layers": ("scan", "unroll")}
 
 
 def default_mixers(*names):
@@ -57,8 +59,14 @@ def _check_entry(name, entry):
 
 def normalize_config(model_cfg, where="model"):
     """`model_cfg` (ConfigDict or dict) in the sub-config layout, checked: flat mixer
-    fields of older configs move into model.mixers (logged once), unknown fields fail."""
+    fields of older configs move into model.mixers (logged once), the booleans of
+    `remat` and `scan_layers` become their names, unknown fields fail."""
     cfg = ml_collections.ConfigDict(dict(model_cfg))
+    for key, (on, off) in _BOOLEAN_FIELDS.items():  # older configs' true/false
+        if isinstance(cfg.get(key), bool):
+            value = on if cfg[key] else off
+            del cfg[key]
+            cfg[key] = value
     flat = {k: v for k, v in cfg.items() if k not in MODEL_FIELDS}
     if flat:
         known = {f for name in mixers.REGISTRY for f in mixers.get(name).DEFAULTS}

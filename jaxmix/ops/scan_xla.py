@@ -135,11 +135,20 @@ def _step(h_BND, A2_ND, dl_BD, u_BD, b_BN, keep_BL, t):
     return a_BND * h_BND + (dl_BD * u_BD)[:, None, :] * b_BN[:, :, None]
 
 
-@functools.partial(jax.jit, static_argnums=(7, 8))
 def _scan_forward(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk, reverse):
     """y [B, L, D] (without the D skip), the last state, and the states entering every
-    chunk (in scan order: chunk c holds scan steps c*chunk ... (c+1)*chunk-1). A jit of
-    its own (inlined by XLA) so that a jaxpr names every run of the forward."""
+    chunk (in scan order: chunk c holds scan steps c*chunk ... (c+1)*chunk-1). It runs
+    as a jit of its own (inlined by XLA), so a jaxpr names every run of the forward
+    (`_scan_forward_loop`); the backend check of `_decay` is one of its static
+    arguments, so its trace cache follows that check."""
+    return _scan_forward_loop(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk,
+                              reverse, cpu.on_cpu())
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _scan_forward_loop(u_BLD, dl_BLD, A2_ND, B_BLN, C_BLN, h0_BND, keep_BL, chunk, reverse,
+                       on_cpu):
+    del on_cpu  # a cache key only: `_decay` makes the same check while tracing
     nc = u_BLD.shape[1] // chunk
     time = _time(u_BLD.shape[1], reverse)
 
