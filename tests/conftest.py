@@ -33,6 +33,31 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+# CI (.ci/run) installs torch and transformers for the HF parity tests and sets
+# JAXMIX_REQUIRE_HF=1: there a missing one must fail the run rather than skip its
+# tests unnoticed. pytest.importorskip of those modules then fails (at collection for
+# a module-level call, in the test otherwise); other modules, and runs without the
+# variable, skip as usual.
+HF_MODULES = ("torch", "transformers")
+REQUIRE_HF = os.environ.get("JAXMIX_REQUIRE_HF", "") not in ("", "0")
+
+if REQUIRE_HF and not getattr(pytest.importorskip, "requires_hf", False):
+    _importorskip = pytest.importorskip
+
+    def _importorskip_or_fail(modname, *args, **kwargs):
+        if modname.split(".")[0] not in HF_MODULES:
+            return _importorskip(modname, *args, **kwargs)
+        try:
+            return _importorskip(modname, *args, **kwargs)
+        except pytest.skip.Exception as e:
+            why = str(e)
+        pytest.fail(f"JAXMIX_REQUIRE_HF is set but {modname!r} is unavailable: {why}",
+                    pytrace=False)
+
+    _importorskip_or_fail.requires_hf = True
+    pytest.importorskip = _importorskip_or_fail
+
+
 def metrics_rows(workdir):
     """The rows of a workdir's metrics.jsonl; a last line still being written by a
     running train.py (no newline yet) is left out."""

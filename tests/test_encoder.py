@@ -255,3 +255,91 @@ def test_classifier_outputs_must_match_the_data_classes():
                                           "--config.model.n_classes=2"):
         validate.check_classes(c, SimpleNamespace(n_classes=2))
     validate.check_classes(tiny_audio_config("ssamba-pretrain"), SimpleNamespace(n_classes=2))
+
+
+class FixedOutputs:
+    """A stand-in model for objectives.terms: `apply` records its inputs and returns
+    fixed outputs, so the losses can be checked against hand computations."""
+
+    def __init__(self, head, outputs, vocab_size=0):
+        self.cfg = ml_collections.ConfigDict(dict(head=head, vocab_size=vocab_size))
+        self.outputs, self.seen = outputs, {}
+
+    def apply(self, variables, *args, train=False, rngs=None, **kw):
+        self.seen = dict(kw, args=args)
+        return self.outputs, {}
+
+
+def test_classify_loss_is_the_mean_cross_entropy_by_hand():
+    import oracles
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0], [1.0, 1.0, -2.0]], np.float32)
+    label = np.array([0, 1, 1], np.int32)
+    model = FixedOutputs("classify", jnp.asarray(logits))
+    loss, _, (total, count, correct) = objectives.terms(model, {}, {
+        "patches": jnp.zeros((3, 4, 2)), "label": jnp.asarray(label)})
+    ce = oracles.cross_entropy(logits, label)
+    np.testing.assert_allclose(loss, ce.mean(), rtol=1e-6)
+    np.testing.assert_allclose(total, ce.sum(), rtol=1e-6)
+    # row 2 ties 0 and 1: argmax takes the first, 0, so it is a miss
+    assert (int(count), int(correct)) == (3, 1)
+
+
+def test_masked_patch_loss_is_nce_plus_ten_mse_by_hand():
+    """InfoNCE with the softmax over the predictions for each masked target, plus 10 x
+    the mean squared error over every masked patch value; the targets are the masked
+    patches gathered at mask_idx."""
+    import oracles
+    rng = np.random.default_rng(4)
+    b, length, f, n = 2, 6, 3, 3
+    patches = rng.normal(size=(b, length, f)).astype(np.float32)
+    idx = np.array([[0, 4, 5], [3, 1, 2]], np.int32)
+    c_pred = rng.normal(size=(b, n, f)).astype(np.float32)
+    g_pred = rng.normal(size=(b, n, f)).astype(np.float32)
+    model = FixedOutputs("masked_patch", (jnp.asarray(c_pred), jnp.asarray(g_pred)))
+    loss, aux, (total, count, correct) = objectives.terms(
+        model, {}, {"patches": jnp.asarray(patches), "mask_idx": jnp.asarray(idx)})
+    np.testing.assert_array_equal(model.seen["mask_idx"], idx)
+    nce_terms, sq, hits = [], [], 0
+    for row in range(b):
+        target = patches[row, idx[row]].astype(np.float64)          # [target, F]
+        for m in range(n):   # target m against every prediction of the clip
+            s = np.array([c_pred[row, j] @ target[m] for j in range(n)])
+            nce_terms.append(-(oracles.log_softmax(s)[m]))
+            hits += int(np.argmax(s) == m)
+            sq.extend(((g_pred[row, m] - target[m]) ** 2).tolist())
+    nce, mse = np.mean(nce_terms), np.mean(sq)
+    np.testing.assert_allclose(aux["nce"], nce, rtol=1e-5)
+    np.testing.assert_allclose(aux["mse"], mse, rtol=1e-5)
+    np.testing.assert_allclose(loss, nce + 10 * mse, rtol=1e-5)
+    np.testing.assert_allclose(aux["nce_acc"], hits / (b * n), rtol=1e-6)
+    np.testing.assert_allclose(total, b * (nce + 10 * mse), rtol=1e-5)
+    np.testing.assert_allclose(correct, b * hits / (b * n), rtol=1e-6)
+    assert int(count) == b
+
+
+@pytest.mark.parametrize("rng", [None, 3])
+def test_masked_token_loss_is_cross_entropy_over_masked_inputs_by_hand(rng):
+    """Cross-entropy against the input tokens themselves, averaged over the masked
+    positions only (the mask the model was given); hits use the real vocabulary only,
+    padded logit columns never count as a prediction."""
+    import oracles
+    gen = np.random.default_rng(6)
+    b, length, vocab, padded = 3, 9, 5, 8
+    tokens = gen.integers(0, vocab, (b, length + 1)).astype(np.int32)
+    logits = gen.normal(size=(b, length, padded)).astype(np.float32)
+    logits[0, :, vocab:] = 50.0    # padded columns win the unrestricted argmax on row 0
+    logits[1, :, :vocab] = -5.0    # row 1: the right token wins everywhere
+    np.put_along_axis(logits[1], tokens[1, :-1, None], 5.0, axis=-1)
+    model = FixedOutputs("masked_token", jnp.asarray(logits), vocab_size=vocab)
+    key = None if rng is None else jax.random.PRNGKey(rng)
+    loss, _, (total, count, correct) = objectives.terms(model, {}, {"tokens": jnp.asarray(tokens)},
+                                                        key, train=rng is not None)
+    np.testing.assert_array_equal(model.seen["args"][0], tokens[:, :-1])
+    mask = np.asarray(model.seen["mask_BL"], bool)
+    assert mask.shape == (b, length) and mask.any(axis=1).all() and not mask.all()
+    ce = oracles.cross_entropy(logits, tokens[:, :-1])
+    want_hits = (np.argmax(logits[..., :vocab], -1) == tokens[:, :-1]) & mask
+    np.testing.assert_allclose(loss, ce[mask].mean(), rtol=1e-6)
+    np.testing.assert_allclose(total, ce[mask].sum(), rtol=1e-6)
+    assert int(count) == mask.sum()
+    assert int(correct) == want_hits.sum() and want_hits[1].sum() == mask[1].sum()

@@ -208,3 +208,51 @@ def test_every_attention_impl_with_segments_and_window(impl):
     want = run(MoH(cfg), params, x, segment_ids=seg)[0]
     got = run(MoH(mixer_cfg(sliding_window=6, attn_impl=impl)), params, x, segment_ids=seg)[0]
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def captured_calls(module, params, x, names):
+    """{method name: (args, output)} of the module's own methods `names` during one
+    forward pass (flax method interception)."""
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.module is not None and context.module.name is None \
+                and context.method_name in names:
+            seen[context.method_name] = (args, out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        module.apply({"params": params}, x)
+    return seen
+
+
+def random_routers(params, seed=7, std=0.5):
+    leaves = {k: v for k, v in params.items() if k.startswith("router")}
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return dict(params, **{k: {"kernel": std * jax.random.normal(key, v["kernel"].shape)}
+                           for key, (k, v) in zip(keys, sorted(leaves.items()))})
+
+
+@pytest.mark.parametrize("gating, shared, top_k", [("official", 3, 2), ("paper", 1, 3)])
+def test_learned_gates_match_a_numpy_computation_from_the_router_weights(gating, shared,
+                                                                         top_k):
+    """Random router weights: the module's gates equal tests/oracles.moh_gates (the
+    paper's Eq. 5-6 or the official code's scaled, renormalised form), and the heads
+    reaching o_proj are dense attention's heads times those gates."""
+    import oracles
+    cfg = mixer_cfg(n_heads=8, n_kv_heads=2, shared_heads=shared, top_k=top_k, gating=gating)
+    x = inputs()
+    params = random_routers(init(MoH(cfg), x))
+    seen = captured_calls(MoH(cfg), params, x, ("gates", "project_out"))
+    gates, top_idx, _ = seen["gates"][1]
+    w = lambda name: np.asarray(params[name]["kernel"]) if name in params else None
+    want = oracles.moh_gates(np.asarray(x), w("router_shared"), w("router_routed"),
+                             w("router_mix"), shared, top_k, gating)
+    np.testing.assert_allclose(gates, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.sort(np.asarray(top_idx), -1),
+                                  np.sort(np.argsort(-want[..., shared:], -1)[..., :top_k], -1))
+    dense = captured_calls(Attention(cfg), attention_params(params), x, ("project_out",))
+    heads = np.asarray(dense["project_out"][0][0])
+    np.testing.assert_allclose(seen["project_out"][0][0], heads * want[..., None],
+                               rtol=1e-5, atol=1e-6)
