@@ -15,6 +15,8 @@ or "converted" (`python -m jaxmix.convert --from-hf`, with the source folder). A
 command writes only into a folder that is new, empty, or one of its own kind
 (`inspect_folder` tells which a folder is); a converted model is never trained over.
 """
+import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -195,6 +197,57 @@ def checkpoint_steps(directory):
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop whose close() first cancels the tasks still pending on it and runs
+    the loop until they have finished (and shuts down its async generators and default
+    executor), as asyncio.run does before closing.
+
+    orbax runs each restore in a fresh event loop that it closes as soon as the restore
+    returns or raises, without that step. When one array read fails, the reads of the
+    other arrays are still in flight: tensorstore then completes them on its own
+    threads into the closed loop (an "Event loop is closed" traceback on stderr for
+    each) and their coroutines are destroyed while pending (one more traceback each).
+    Cancelled and awaited before the loop closes, they end quietly."""
+
+    def close(self):
+        if not self.is_running() and not self.is_closed():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.run_until_complete(self.shutdown_asyncgens())
+            self.run_until_complete(self.shutdown_default_executor())
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+    """Event loops created inside (by orbax, which calls asyncio.new_event_loop() for
+    each restore) are `_DrainingEventLoop`s; the previous policy is put back after."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
+def restore_failure(e):
+    """Why a checkpoint does not restore, in one line. orbax wraps a failed array read
+    in an exception whose text is the array's index and a dump of its TensorStore spec;
+    the read error it wraps (tensorstore's, naming the array and what is wrong with its
+    bytes) is what is reported then."""
+    if str(e).startswith("Encountered error while reading array index") and e.__cause__:
+        e = e.__cause__
+    return first_line(e)
+
+
 class Checkpointer:
     def __init__(self, directory, keep=3, async_save=True):
         self.directory = directory
@@ -231,11 +284,13 @@ class Checkpointer:
 
     def restore(self, step, abstract_state, data_iter):
         """(state, data_restored: bool). The state lands in abstract_state's shardings."""
-        state = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        with _draining_event_loops():
+            state = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
         try:
-            self.manager.restore(step, args=ocp.args.Composite(
-                data=grain.checkpoint.CheckpointRestore(data_iter)))
+            with _draining_event_loops():
+                self.manager.restore(step, args=ocp.args.Composite(
+                    data=grain.checkpoint.CheckpointRestore(data_iter)))
             return state, True
         except (ValueError, FileNotFoundError, KeyError) as e:
             log.warning("data-iterator state not restored (%s); re-positioning by step",
@@ -245,18 +300,21 @@ class Checkpointer:
     def restore_latest(self, abstract_state, data_iter):
         """(step, state, data_restored) of the newest checkpoint that restores, or None
         when there is none. One that fails (a damaged or truncated file, missing
-        metadata, an empty step folder) is reported in one warning line and set aside
-        as `<step>.damaged` (kept for a look; later saves of that step cannot collide
-        with it), and the one before it is tried. None usable: ConfigError."""
+        metadata, an empty step folder) is reported in one warning line naming the
+        checkpoint it falls back to, set aside as `<step>.damaged` (kept for a look;
+        later saves of that step cannot collide with it), and the one before it is
+        tried. None usable: ConfigError."""
         steps = sorted(self.manager.all_steps(), reverse=True)
-        for step in steps:
+        for i, step in enumerate(steps):
             try:
                 state, data_ok = self.restore(step, abstract_state, data_iter)
                 return step, state, data_ok
             except Exception as e:  # whatever orbax / tensorstore raise for bad files
+                after = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps)
+                         else "no checkpoint before it")
                 log.warning("checkpoint step %d in %s does not restore (%s); set aside as "
-                            "%d.damaged, trying the one before it", step, self.directory,
-                            first_line(e), step)
+                            "%d.damaged, %s", step, self.directory, restore_failure(e), step,
+                            after)
                 self._set_aside(step)
         if steps:
             raise ConfigError(f"--workdir: no checkpoint in {self.directory} restores "
@@ -292,19 +350,23 @@ def restore_params(checkpoint_dir, step=None):
     (default: the latest), as host-local arrays on the default device."""
     manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_handlers={
         "state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ConfigError(f"{checkpoint_dir}: no checkpoint there yet; train first "
-                          f"(train.py saves every train.checkpoint_every steps)")
-    tree = manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          tree["params"])
-    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        {"params": target}, restore_args={"params": args}, partial_restore=True)))
-    manager.close()
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{checkpoint_dir}: no checkpoint there yet; train first "
+                              f"(train.py saves every train.checkpoint_every steps)")
+        tree = manager.item_metadata(step)["state"]
+        tree = getattr(tree, "tree", tree)
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree["params"])
+        args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target)
+        with _draining_event_loops():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore({"params": target}, restore_args={"params": args},
+                                             partial_restore=True)))
+    finally:
+        manager.close()
     return restored["state"]["params"], step
 
 

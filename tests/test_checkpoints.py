@@ -1,8 +1,12 @@
 """A latest checkpoint that does not restore never strands a run: it is reported, set
 aside, and the one before it is used (jaxmix.workdir.Checkpointer.restore_latest)."""
+import asyncio
+import gc
 import logging
 import os
 import shutil
+import sys
+import time
 
 import jax
 import numpy as np
@@ -54,20 +58,70 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["overwritten data file", "truncated data file",
                                   "missing metadata", "empty step folder"])
 def test_damaged_latest_falls_back_to_the_one_before(saved, smoke_config, tmp_path, kind,
-                                                     caplog):
+                                                     caplog, capfd, monkeypatch):
+    """The damaged checkpoint is reported in one warning line naming the one restored
+    instead, and the failed restore leaves nothing behind that prints a traceback
+    later: no read still in flight whose coroutine a garbage collection would finish
+    ("Exception ignored in", through sys.unraisablehook), or whose result would arrive
+    in a closed event loop ("Event loop is closed")."""
     src, params2 = saved
     workdir = tmp_path / "w"
     shutil.copytree(src, workdir)
     damage(str(workdir / "checkpoints" / "4"), kind)
     r = Run(smoke_config, str(workdir))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    capfd.readouterr()
     with caplog.at_level(logging.WARNING, logger="jaxmix"):
         state, _, start = r.initial_state()
+    time.sleep(0.2)  # for reads still in flight, if any, to finish
+    gc.collect()
     r.ckpt.close()
+    err = capfd.readouterr().err
+    assert not unraisable, [(u.object, u.exc_value) for u in unraisable][:3]
+    assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
     assert start == 2 and int(state.step) == 0
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), params2)
     warnings = [m for m in caplog.messages if "does not restore" in m]
     assert len(warnings) == 1 and "checkpoint step 4" in warnings[0] and "\n" not in warnings[0]
+    assert "falling back to step 2" in warnings[0] and "TensorStore({" not in warnings[0]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4.damaged"]
+
+
+def test_restore_event_loops_end_the_reads_left_in_flight(monkeypatch):
+    """orbax runs each restore in a fresh event loop (run_until_complete, then close);
+    when one read fails, the gather around the reads raises while the others are still
+    pending. Under the loops Checkpointer.restore uses, those are cancelled and finished
+    before the loop closes: none is left to be destroyed pending later (which prints an
+    "Exception ignored in" traceback for each, orbax's read coroutines turning the
+    GeneratorExit of their destruction into an exception)."""
+    from jaxmix import workdir as workdir_lib
+    unraisable, ended = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    async def read(fails):
+        try:
+            await asyncio.sleep(0 if fails else 60)
+            raise OSError("damaged")
+        except BaseException as e:  # as orbax's reads do
+            ended.append(type(e).__name__)
+            raise Exception("could not read") from e
+
+    async def read_all():
+        return await asyncio.gather(read(True), read(False))
+
+    def restore():
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(read_all())
+        finally:
+            loop.close()
+
+    with workdir_lib._draining_event_loops(), pytest.raises(Exception, match="could not"):
+        restore()
+    gc.collect()
+    assert sorted(ended) == ["CancelledError", "OSError"] and not unraisable
+    assert not isinstance(asyncio.new_event_loop(), workdir_lib._DrainingEventLoop)
 
 
 def test_no_usable_checkpoint_is_one_error_line(saved, smoke_config, tmp_path):

@@ -3,6 +3,7 @@ outputs, and the one-line errors for bad input."""
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,12 @@ def straight_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
     proc = run_train(SMOKE + ["--config.train.steps=30"], workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_no_traceback(proc.stderr)
     return workdir
+
+
+def assert_no_traceback(stderr):
+    assert "Traceback" not in stderr and "Event loop is closed" not in stderr, stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -68,10 +74,29 @@ def test_resume_matches_uninterrupted(straight_run, tmp_path):
     second = run_train(SMOKE + ["--config.train.steps=30"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 20" in second.stderr
+    assert_no_traceback(second.stderr)
     want, got = losses(straight_run), losses(tmp_path)
     assert sorted(got) == sorted(want)
     for step in range(22, 31, 2):
         assert got[step] == want[step], (step, got[step], want[step])  # exact on CPU
+
+
+@pytest.mark.slow
+def test_resume_past_a_damaged_latest_checkpoint_logs_one_warning(straight_run, tmp_path):
+    """The latest checkpoint (step 30) has a truncated data file: the run says so in one
+    warning line naming the step it falls back to (25), resumes there, and its stderr
+    holds no traceback (orbax's failed restore leaves none behind)."""
+    from test_checkpoints import damage
+    shutil.copytree(straight_run, tmp_path / "w")
+    damage(str(tmp_path / "w" / "checkpoints" / "30"), "truncated data file")
+    proc = run_train(SMOKE + ["--config.train.steps=32"], tmp_path / "w")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_no_traceback(proc.stderr)
+    warnings = [l for l in proc.stderr.splitlines() if "does not restore" in l]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert "checkpoint step 30" in warnings[0] and "falling back to step 25" in warnings[0]
+    assert "resumed from step 25" in proc.stderr
+    assert checkpoint_steps(tmp_path / "w") == [25, 30, 32]
 
 
 def start_and_signal(workdir, sig, n_logged, extra=()):
