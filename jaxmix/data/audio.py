@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxmix.data import audio_synth
 from jaxmix.data.wav import glob_root, read_wav, split_files, wav_header
-from jaxmix.data.pipeline import StepPipeline
+from jaxmix.data.step_pipeline import StepPipeline
 from jaxmix.errors import ConfigError
 
 # config.data.audio, as a config file starts it.
@@ -225,6 +225,30 @@ class Clips:
         return p
 
 
+def synthetic_clips(s, seed):
+    """(train Clips, val Clips, class names) of `audio:synthetic` for data.audio
+    settings `s` (n_clips train clips, val_clips held out); patches are made on first
+    use."""
+    n_cls = s["n_classes"]
+    if not 2 <= n_cls <= len(audio_synth.CLASSES):
+        raise ConfigError(f"data.audio.n_classes={n_cls}: audio:synthetic has 2 to "
+                          f"{len(audio_synth.CLASSES)} classes")
+    if s["n_clips"] < 1 or s["val_clips"] < 0:
+        raise ConfigError(f"data.audio.n_clips={s['n_clips']} must be positive and "
+                          f"val_clips={s['val_clips']} >= 0")
+
+    def split_clips(split, n):
+        def make(i):
+            wave_N, _ = audio_synth.make_clip(i, n_classes=n_cls, n_samples=n_samples(s),
+                                              sample_rate=s["sample_rate"], seed=seed,
+                                              split=split)
+            return clip_patches(wave_N, s)
+        return Clips([audio_synth.clip_label(i, n_cls) for i in range(n)], make)
+
+    names = list(audio_synth.CLASSES[:n_cls])
+    return split_clips("train", s["n_clips"]), split_clips("val", s["val_clips"]), names
+
+
 def wav_clips(source, s, val_fraction):
     """(train Clips, val Clips, class names) of `wav:GLOB`; headers checked up front."""
     pattern = os.path.expanduser(source[len("wav:"):])
@@ -291,7 +315,7 @@ class AudioPipeline(StepPipeline):
         self.set_rows(config, process_index, process_count)
         self.rows = np.asarray(self.rows)
         if self.source == "audio:synthetic":
-            self.train, self.val, self.class_names = audio_synth.clips(s, self.seed)
+            self.train, self.val, self.class_names = synthetic_clips(s, self.seed)
         elif isinstance(self.source, str) and self.source.startswith("wav:"):
             val_fraction = float(config.data.get("val_fraction", VAL_FRACTION))
             if not 0 <= val_fraction < 1:

@@ -28,7 +28,6 @@ directions) make the task need more than the loudest mel bin.
 """
 import numpy as np
 
-from jaxmix.errors import ConfigError
 
 SPLITS = {"train": 0, "val": 1}
 CLASSES = ("low_tone", "high_tone", "rising_chirp", "falling_chirp", "slow_clicks",
@@ -154,26 +153,3 @@ def make_clip(index, *, n_classes, n_samples, sample_rate, seed, split):
     noise_rms = rms * 10 ** (-rng.uniform(*SNR_DB) / 20)
     wave += _background(rng, n_samples, sample_rate, noise_rms)
     return wave.astype(np.float32), label
-
-
-def clips(s, seed):
-    """(train Clips, val Clips, class names) of the pool for data.audio settings `s`
-    (n_clips train clips, val_clips held out); patches are made on first use."""
-    from jaxmix.data import audio   # audio imports this module
-    n_cls = s["n_classes"]
-    if not 2 <= n_cls <= len(CLASSES):
-        raise ConfigError(f"data.audio.n_classes={n_cls}: audio:synthetic has 2 to "
-                          f"{len(CLASSES)} classes")
-    if s["n_clips"] < 1 or s["val_clips"] < 0:
-        raise ConfigError(f"data.audio.n_clips={s['n_clips']} must be positive and "
-                          f"val_clips={s['val_clips']} >= 0")
-
-    def split_clips(split, n):
-        def make(i):
-            wave_N, _ = make_clip(i, n_classes=n_cls, n_samples=audio.n_samples(s),
-                                  sample_rate=s["sample_rate"], seed=seed, split=split)
-            return audio.clip_patches(wave_N, s)
-        return audio.Clips([clip_label(i, n_cls) for i in range(n)], make)
-
-    names = list(CLASSES[:n_cls])
-    return split_clips("train", s["n_clips"]), split_clips("val", s["val_clips"]), names

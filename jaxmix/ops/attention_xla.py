@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxmix.ops.attention import default_positions, mask_of
+from jaxmix.ops.masks import default_positions, mask_of
 from jaxmix.ops.vma import cast_vma, match_vma, vma_of
 
 BLOCK_Q = 512

@@ -14,7 +14,7 @@ segment). All maths in fp32; the output has q's dtype, the final state is fp32.
 Implementations:
   reference  the token-by-token recurrence (the oracle).
   pallas     the chunked forward below as a Pallas TPU kernel (jaxmix.ops.gated_delta_pallas).
-  xla        the chunkwise-parallel form. With G the cumulative log decay inside a chunk
+  xla        the chunkwise-parallel form (jaxmix.ops.gated_delta_xla). With G the cumulative log decay inside a chunk
              of C tokens, D[t, i] = exp(G_t - G_i) for i <= t in one segment, and
              A[t, i] = beta_t D[t, i] k_t.k_i for i < t, the chunk's corrected values are
              U = (I + A)^-1 (beta V - beta exp(G) K S0) (the WY form of the chunk's
@@ -29,49 +29,10 @@ import jax.numpy as jnp
 
 from jaxmix.errors import ConfigError
 from jaxmix.ops import _impl
-from jaxmix.ops.vma import match_vma
-from kernels_pallas.gated_delta import unit_lower_inverse
-
-HIGHEST = jax.lax.Precision.HIGHEST
-NORM_EPS = 1e-6
-
-
-def _einsum(spec, *args):
-    return jnp.einsum(spec, *args, precision=HIGHEST, preferred_element_type=jnp.float32)
-
-
-def l2_normalise(x):
-    """x / ||x|| over the last axis (rsqrt of the sum of squares plus 1e-6), fp32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + NORM_EPS)
-
-
-def run_ids(segment_ids, batch, length):
-    """[B, L] int32: the index of each token's run of equal segment ids (0 without ids),
-    so a reset is exactly where the run index changes."""
-    if segment_ids is None:
-        return jnp.zeros((batch, length), jnp.int32)
-    seg = jnp.asarray(segment_ids)
-    change = jnp.concatenate([jnp.zeros((batch, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    return jnp.cumsum(change, axis=1, dtype=jnp.int32)
-
-
-def _prepare(q, k, v, g, beta, normalize_qk, scale):
-    d_k = q.shape[-1]
-    q32, k32 = (l2_normalise(q), l2_normalise(k)) if normalize_qk else (
-        q.astype(jnp.float32), k.astype(jnp.float32))
-    scale = d_k ** -0.5 if scale is None else float(scale)
-    return (q32 * scale, k32, v.astype(jnp.float32), g.astype(jnp.float32),
-            beta.astype(jnp.float32))
-
-
-def start_state(q, v, initial_state):
-    """The fp32 state [B, H, d_k, d_v] the recurrence starts from: `initial_state`, or
-    zeros when it is None."""
-    b, _, h, d_k = q.shape
-    if initial_state is None:
-        return jnp.zeros((b, h, d_k, v.shape[-1]), jnp.float32)
-    return initial_state.astype(jnp.float32)
+from jaxmix.ops.gated_delta_common import (  # noqa: F401  (HIGHEST re-exported)
+    HIGHEST, einsum_f32, prepare_inputs, run_ids, start_state)
+from jaxmix.ops.gated_delta_xla import (  # noqa: F401  (gated_delta_rule_map re-exported)
+    gated_delta_rule_map, gated_delta_rule_xla)
 
 
 def _check(q, k, v, g, beta, initial_state, segment_ids):
@@ -94,7 +55,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, initial_state=None, segment_
                                normalize_qk=True, scale=None):
     """(o [B, L, H, d_v], final state [B, H, d_k, d_v]) by the plain recurrence."""
     b, length = q.shape[:2]
-    q32, k32, v32, g32, b32 = _prepare(q, k, v, g, beta, normalize_qk, scale)
+    q32, k32, v32, g32, b32 = prepare_inputs(q, k, v, g, beta, normalize_qk, scale)
     runs = run_ids(segment_ids, b, length)
     reset = jnp.concatenate([jnp.zeros((b, 1), bool), runs[:, 1:] != runs[:, :-1]], axis=1)
     s0 = start_state(q, v, initial_state)
@@ -103,115 +64,13 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, initial_state=None, segment_
         q_t, k_t, v_t, g_t, b_t, reset_t = xs  # [B, H, d], [B, H], [B]
         state = jnp.where(reset_t[:, None, None, None], 0.0, state)
         state = state * jnp.exp(g_t)[..., None, None]
-        v_new = b_t[..., None] * (v_t - _einsum("bhkv,bhk->bhv", state, k_t))
+        v_new = b_t[..., None] * (v_t - einsum_f32("bhkv,bhk->bhv", state, k_t))
         state = state + k_t[..., :, None] * v_new[..., None, :]
-        return state, _einsum("bhkv,bhk->bhv", state, q_t)
+        return state, einsum_f32("bhkv,bhk->bhv", state, q_t)
 
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q32, k32, v32, g32, b32, reset))
     state, o = jax.lax.scan(step, s0, xs)
     return jnp.moveaxis(o, 0, 1).astype(q.dtype), state
-
-
-def _chunk_terms(xs):
-    """The state-free terms of one chunk (module docstring): D [B, H, C, C], the decay
-    from the chunk start decay0 [B, H, C], and U = u0 - w S0 as (u0 [B, H, C, V],
-    w [B, H, C, K]). xs: q, k [B, H, C, K], v [B, H, C, V], g, beta [B, H, C],
-    runs [B, C] and the run of the token before the chunk [B]."""
-    q, k, v, g, beta, runs, run_before = xs
-    c = q.shape[2]
-    G = jnp.cumsum(g, axis=-1)
-    same = runs[:, :, None] == runs[:, None, :]                       # [B, C, C]
-    causal = jnp.arange(c)[:, None] >= jnp.arange(c)[None, :]
-    live = (same & causal)[:, None]                                   # [B, 1, C, C]
-    diff = G[..., :, None] - G[..., None, :]
-    D = jnp.where(live, jnp.exp(jnp.where(live, diff, 0.0)), 0.0)     # [B, H, C, C]
-    from_start = (runs == run_before[:, None])[:, None]               # [B, 1, C]
-    decay0 = jnp.where(from_start, jnp.exp(G), 0.0)                   # [B, H, C]
-    strict = live & ~jnp.eye(c, dtype=bool)
-    A = jnp.where(strict, beta[..., :, None] * _einsum("bhtd,bhid->bhti", k, k) * D, 0.0)
-    inv = unit_lower_inverse(A)
-    u0 = _einsum("bhti,bhiv->bhtv", inv, beta[..., None] * v)
-    w = _einsum("bhti,bhik->bhtk", inv, (beta * decay0)[..., None] * k)
-    return D, decay0, u0, w
-
-
-def _chunk_end(state, k, D, decay0, u):
-    """The state after the chunk: exp(G_C) S0 + (K * exp(G_C - G))^T U."""
-    to_end = D[..., -1, :]                                            # exp(G_C - G_i)
-    return (decay0[..., -1][..., None, None] * state
-            + _einsum("bhck,bhcv->bhkv", k * to_end[..., None], u))
-
-
-def _chunk_step(state, xs):
-    """One chunk: (state [B, H, K, V], xs of `_chunk_terms`) -> (end state, outputs
-    [B, H, C, V])."""
-    q, k = xs[:2]
-    D, decay0, u0, w = _chunk_terms(xs)
-    u = u0 - _einsum("bhck,bhkv->bhcv", w, state)
-    o = (decay0[..., None] * _einsum("bhck,bhkv->bhcv", q, state)
-         + _einsum("bhti,bhiv->bhtv", _einsum("bhtd,bhid->bhti", q, k) * D, u))
-    return _chunk_end(state, k, D, decay0, u), o
-
-
-def _chunk_map(carry, xs):
-    """Composes the chunk's affine map S -> P_c S + Q_c onto carry (P [B, H, K, K],
-    Q [B, H, K, V]): the end state is linear in the start state."""
-    P, Q = carry
-    k = xs[1]
-    D, decay0, u0, w = _chunk_terms(xs)
-    P = _chunk_end(P, k, D, decay0, -_einsum("bhck,bhkj->bhcj", w, P))
-    Q = _chunk_end(Q, k, D, decay0, u0 - _einsum("bhck,bhkv->bhcv", w, Q))
-    return (P, Q), None
-
-
-def _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size):
-    """The per-chunk inputs [n, B, H, C, ...] of the chunked form (zero padded at the
-    end: beta = 0 and g = 0 leave the state as it is)."""
-    b, length, h, d_k = q.shape
-    q32, k32, v32, g32, b32 = _prepare(q, k, v, g, beta, normalize_qk, scale)
-    runs = run_ids(segment_ids, b, length)
-    c = max(1, min(int(chunk_size), length))
-    n = -(-length // c)
-    pad = n * c - length
-
-    def chunks(x):  # [B, L, H, ...] -> [n, B, H, C, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((b, n, c) + x.shape[2:])
-        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
-
-    runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
-    runs_n = jnp.moveaxis(runs.reshape(b, n, c), 1, 0)                # [n, B, C]
-    before = jnp.concatenate([runs[:, :1], runs[:, c - 1:-1:c]], axis=1)[:, :n]
-    return (chunks(q32), chunks(k32), chunks(v32), chunks(g32), chunks(b32), runs_n,
-            jnp.moveaxis(before, 1, 0))
-
-
-def gated_delta_rule_xla(q, k, v, g, beta, *, initial_state=None, segment_ids=None,
-                         normalize_qk=True, scale=None, chunk_size=64):
-    """The chunkwise-parallel form (module docstring); same results as the reference."""
-    b, length, h, _ = q.shape
-    d_v = v.shape[-1]
-    xs = _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size)
-    # Inside a shard_map the carry varies like the data.
-    s0 = match_vma(start_state(q, v, initial_state), xs)
-    state, o = jax.lax.scan(jax.checkpoint(_chunk_step), s0, xs)      # o [n, B, H, C, V]
-    o = jnp.moveaxis(o, 0, 1)                                         # [B, n, H, C, V]
-    o = jnp.moveaxis(o, 3, 2).reshape(b, -1, h, d_v)[:, :length]
-    return o.astype(q.dtype), state
-
-
-def gated_delta_rule_map(q, k, v, g, beta, *, segment_ids=None, normalize_qk=True,
-                         scale=None, chunk_size=64):
-    """(P [B, H, d_k, d_k], Q [B, H, d_k, d_v]), the sequence's effect on a state: from
-    an initial state S0 it ends at P @ S0 + Q (per batch row and head), so Q is the
-    final state from zeros. Sequence-parallel runs compose these maps across devices."""
-    b, _, h, d_k = q.shape
-    xs = _chunked(q, k, v, g, beta, segment_ids, normalize_qk, scale, chunk_size)
-    eye = jnp.broadcast_to(jnp.eye(d_k, dtype=jnp.float32), (b, h, d_k, d_k))
-    zero = start_state(q, v, None)
-    carry = match_vma((eye, zero), xs)
-    (P, Q), _ = jax.lax.scan(jax.checkpoint(_chunk_map), carry, xs)
-    return P, Q
 
 
 def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None,

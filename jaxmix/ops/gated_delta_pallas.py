@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from jaxmix.errors import ConfigError
 from jaxmix.ops import per_device
-from jaxmix.ops.gated_delta import _prepare, gated_delta_rule_xla, run_ids, start_state
+from jaxmix.ops.gated_delta_common import prepare_inputs, run_ids, start_state
+from jaxmix.ops.gated_delta_xla import gated_delta_rule_xla
 from kernels_pallas import gated_delta as kernel
 
 
@@ -31,7 +32,7 @@ def check_chunk(chunk_size):
 def _forward(q, k, v, g, beta, s0, seg, static):
     opts = dict(static)
     b, length, h, _ = q.shape
-    q32, k32, v32, g32, b32 = _prepare(q, k, v, g, beta, opts["normalize_qk"], opts["scale"])
+    q32, k32, v32, g32, b32 = prepare_inputs(q, k, v, g, beta, opts["normalize_qk"], opts["scale"])
     c = opts["chunk_size"]
     pad = -length % c
     heads_first = lambda x: jnp.pad(jnp.moveaxis(x, 2, 1),

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxmix.ops import residuals
 from jaxmix.ops.per_device import tpu_kernel_interpret
-from jaxmix.ops.selective_scan import keep_mask
+from jaxmix.ops.scan_common import keep_mask
 from kernels_pallas import selective_scan as kernel
 from kernels_pallas import vmem
 

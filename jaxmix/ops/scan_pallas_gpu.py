@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmix.ops import residuals
-from jaxmix.ops.selective_scan import check_shapes, keep_mask
+from jaxmix.ops.scan_common import check_shapes, keep_mask
 from kernels_pallas import selective_scan_gpu as kernel
 from kernels_pallas.scan_gpu_tuning import DEFAULT, TUNING, settings  # noqa: F401
 

@@ -19,7 +19,7 @@ the end, the saved states are those entering each chunk from the right, and the
 backward walks from the start, g_{t+1} = a_t g_t + C_{t+1} dy_{t+1}. The padding
 stays at the end, where the reverse scan meets it first: still a = 1, no input.
 
-Segment ids come in as a keep mask k_t (1 carry, 0 reset; `selective_scan.keep_mask`)
+Segment ids come in as a keep mask k_t (1 carry, 0 reset; `scan_common.keep_mask`)
 folded into the decay, a_t = k_t exp(delta_t A): every identity above holds as
 written with that a_t (s_t = g_t (h_t - b_t) is 0 at a reset, so nothing flows into
 A or delta there). Without ids the mask is absent and no step multiplies by it.
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from jaxmix import cpu
 from jaxmix.ops import residuals
-from jaxmix.ops.selective_scan import finish_output, keep_mask, prepare_delta
+from jaxmix.ops.scan_common import finish_output, keep_mask, prepare_delta
 from jaxmix.ops.vma import match_vma, unify_vma
 
 f32 = jnp.float32

@@ -47,7 +47,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxmix import ops
-from jaxmix.ops.selective_scan import check_shapes, keep_mask, prepare_delta, resolve_impl
+from jaxmix.ops.scan_common import check_shapes, keep_mask, prepare_delta
+from jaxmix.ops.selective_scan import resolve_impl
 from jaxmix.ops.vma import match_vma, unify_vma, vma
 from jaxmix.parallel.zigzag import mesh_axis_size
 

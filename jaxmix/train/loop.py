@@ -129,7 +129,7 @@ class Run:
         and decoded with the data's tokenizer."""
         if not self.is_main or not self.data.is_text or self.is_encoder:
             return
-        from jaxmix.generate import encode_prompt, generate
+        from jaxmix.sampling import encode_prompt, generate
         tok = self.data.tokenizer
         ids = encode_prompt(tok, prompt, self.config.model.vocab_size)
         out = generate(self.model, params, ids, max_new_tokens=n_tokens, temperature=0.8,
