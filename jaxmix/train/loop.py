@@ -146,101 +146,154 @@ def run(config, workdir):
         return train(r)
 
 
-def train(r):
-    """The training loop of a built Run (see `run`)."""
-    config, workdir = r.config, r.workdir
-    t = config.train
-    n_params = state_lib.param_count(r.abstract)
-    log.info("model: %s params, mesh %s, data: %s", f"{n_params:,}", dict(r.mesh.shape),
-             r.data.describe())
-    state, it, start = r.initial_state()
-    writer = MetricsWriter(workdir, resume_step=start)
-    val_batches = r.data.val_batches()
-    val_metrics, compiled = {}, {}
+class Throughput:
+    """Training tokens per second between two log lines; time spent compiling and
+    evaluating (`pause`) is left out."""
 
-    def step_fn_for(batch):
+    def __init__(self):
+        self.since, self.tokens, self.paused = time.perf_counter(), 0, 0.0
+
+    def pause(self, t0):
+        """Leaves out the time since `t0` (a perf_counter reading)."""
+        self.paused += time.perf_counter() - t0
+
+    def rate(self):
+        """Tokens per second since the last call (or the start), then starts over."""
+        now = time.perf_counter()
+        tok_s = self.tokens / max(now - self.since - self.paused, 1e-9)
+        self.since, self.tokens, self.paused = now, 0, 0.0
+        return tok_s
+
+
+class Loop:
+    """The step loop of a built Run: one train step per batch, then logging, validation,
+    saving and stopping as the config's intervals and the signals say."""
+
+    def __init__(self, r, start):
+        self.r, self.t = r, r.config.train
+        self.writer = MetricsWriter(r.workdir, resume_step=start)
+        self.val_batches = r.data.val_batches()
+        self.compiled = {}
+        self.speed = Throughput()
+        self.stop = preempt.StopRequest()
+        self.guard = guard_lib.NonFiniteGuard(self.t, models.named_params(r.abstract.params),
+                                              r.ckpt, r.workdir)
+        self.bar = tqdm(total=self.t.steps, initial=start, disable=not r.is_main, unit="step",
+                        dynamic_ncols=True)
+
+    def step_fn(self, state, batch):
         """The train step compiled for this batch's shape (a length warm-up makes two)."""
         shape = jax.tree.leaves(batch)[0].shape
-        if shape not in compiled:
+        if shape not in self.compiled:
             t0 = time.perf_counter()
-            compiled[shape] = r.train_step.compile(state, batch)
+            self.compiled[shape] = self.r.train_step.compile(state, batch)
             log.info("train step for batches %s compiled in %.1fs", shape,
                      time.perf_counter() - t0)
             # (imported here: `python -m jaxmix.train.memory` runs that module as a script)
             from jaxmix.train.memory import compiled_warning
-            warning = compiled_warning(compiled[shape], r.mesh.local_devices)
-            if warning and r.is_main:
+            warning = compiled_warning(self.compiled[shape], self.r.mesh.local_devices)
+            if warning and self.r.is_main:
                 log.warning(warning)
-        return compiled[shape]
+            self.speed.pause(t0)
+        return self.compiled[shape]
 
-    stop = preempt.StopRequest().install()  # SIGTERM / SIGINT: save, then stop
-    guard = guard_lib.NonFiniteGuard(t, models.named_params(r.abstract.params), r.ckpt,
-                                     workdir)
-    pending = None  # (step, metrics) whose non-finite flags are not checked yet
-    bar = tqdm(total=t.steps, initial=start, disable=not r.is_main, unit="step",
-               dynamic_ncols=True)
-    failed = True  # until the loop ends normally: then a failed last save is raised
-    try:
-        # Throughput counts training only: compiling and evaluating are left out.
-        last_time, tokens, paused = time.perf_counter(), 0, 0.0
+    def log_metrics(self, step, metrics):
+        metrics = scalars(jax.device_get(metrics))
+        if self.guard.skipped:
+            metrics["nonfinite_skipped"] = self.guard.skipped
+        tok_s = self.speed.rate()
+        self.writer.write(step, {**metrics, "tokens_per_sec": tok_s})
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+
+    def validate(self, step, params):
+        """Validation metrics at `step`, written to the metrics file and said in one line."""
+        t0 = time.perf_counter()
+        r = self.r
+        val, acc = evaluate(r.eval_step, params, self.val_batches, r.to_global)
+        metrics = {"val_loss": val, "val_acc": acc}
+        if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
+            metrics["val_bpb"] = bits_per_byte(val, r.data.bytes_per_token)
+            self.bar.write(f"step {step}: validation loss {val:.4f} nats, "
+                           f"{metrics['val_bpb']:.3f} bits/byte")
+        else:
+            self.bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
+                           f"{100 * acc:.2f}% on the scored targets")
+        self.writer.write(step, metrics)
+        self.speed.pause(t0)
+        return metrics
+
+    def save(self, step, state, it, periodic, stopping):
+        """A periodic save, and when stopping a forced one unless this step is saved."""
+        if periodic:
+            self.r.ckpt.save(step, state, it)
+        if stopping and self.r.ckpt.latest_step() != step:
+            self.r.ckpt.save(step, state, it, force=True)
+
+    def run(self, state, it, start):
+        """Steps start + 1 .. train.steps (fewer when stopped): (state, the last step,
+        the last validation metrics)."""
+        t, guard = self.t, self.guard
+        pending = None  # (step, metrics) whose non-finite flags are not checked yet
+        step, val_metrics = start, {}
         for step in range(start + 1, t.steps + 1):
-            batch = r.to_global(next(it))
-            t0 = time.perf_counter()
-            step_fn = step_fn_for(batch)
-            paused += time.perf_counter() - t0
-            with jax.set_mesh(r.mesh):
+            batch = self.r.to_global(next(it))
+            step_fn = self.step_fn(state, batch)
+            with jax.set_mesh(self.r.mesh):
                 state, metrics = step_fn(state, batch)
             # The previous step's flags are ready by now: checking them here keeps one
             # step in flight. A step to be saved is checked before its save.
             if pending is not None:
                 guard.check_step(*pending)
             pending = (step, metrics)
-            tokens += objectives.positions(batch)
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
-                metrics = scalars(jax.device_get(metrics))
-                if guard.skipped:
-                    metrics["nonfinite_skipped"] = guard.skipped
-                now = time.perf_counter()
-                tok_s = tokens / max(now - last_time - paused, 1e-9)
-                last_time, tokens, paused = now, 0, 0.0
-                writer.write(step, {**metrics, "tokens_per_sec": tok_s})
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-            if step % t.eval_every == 0 or step == t.steps:
-                t0 = time.perf_counter()
-                val, acc = evaluate(r.eval_step, state.params, val_batches, r.to_global)
-                val_metrics = {"val_loss": val, "val_acc": acc}
-                if r.data.is_text and not r.is_encoder:  # an LM: bits per byte
-                    val_metrics["val_bpb"] = bits_per_byte(val, r.data.bytes_per_token)
-                    bar.write(f"step {step}: validation loss {val:.4f} nats, "
-                              f"{val_metrics['val_bpb']:.3f} bits/byte")
-                else:
-                    bar.write(f"step {step}: validation loss {val:.4f} nats, accuracy "
-                              f"{100 * acc:.2f}% on the scored targets")
-                writer.write(step, val_metrics)
-                paused += time.perf_counter() - t0
-            saving = step % t.checkpoint_every == 0 or step == t.steps
-            stopping = stop.reached(step)
-            if saving or stopping:
+            self.speed.tokens += objectives.positions(batch)
+            self.bar.update(1)
+            last = step == t.steps
+            if step % t.log_every == 0 or last:
+                self.log_metrics(step, metrics)
+            if step % t.eval_every == 0 or last:
+                val_metrics = self.validate(step, state.params)
+            periodic = step % t.checkpoint_every == 0 or last
+            stopping = self.stop.reached(step)
+            if periodic or stopping:
                 guard.check_step(*pending)
                 pending = None
-            if saving:
-                r.ckpt.save(step, state, it)
+                self.save(step, state, it, periodic, stopping)
             if stopping:
-                if r.ckpt.latest_step() != step:
-                    r.ckpt.save(step, state, it, force=True)
                 break
         if pending is not None:
             guard.check_step(*pending)
-        failed = False
-    finally:
-        bar.close()  # before any error line
-        stop.restore()
-        r.ckpt.close(raise_errors=not failed)  # waits for the saves in flight
-        writer.close()
-    if stop.name is not None:
+        return state, step, val_metrics
+
+    def close(self, raise_errors):
+        """Ends the progress bar, the signal handlers, the saves in flight (waited for;
+        a failed one raised when `raise_errors`) and the metrics file."""
+        self.bar.close()  # before any error line
+        self.stop.restore()
+        try:
+            self.r.ckpt.close(raise_errors=raise_errors)
+        finally:
+            self.writer.close()
+
+
+def train(r):
+    """The training loop of a built Run (see `run`)."""
+    config, workdir = r.config, r.workdir
+    n_params = state_lib.param_count(r.abstract)
+    log.info("model: %s params, mesh %s, data: %s", f"{n_params:,}", dict(r.mesh.shape),
+             r.data.describe())
+    state, it, start = r.initial_state()
+    loop = Loop(r, start)
+    loop.stop.install()  # SIGTERM / SIGINT: save, then stop
+    try:
+        state, step, val_metrics = loop.run(state, it, start)
+    except BaseException:
+        loop.close(raise_errors=False)  # the run's own error is the one to show
+        raise
+    loop.close(raise_errors=True)  # a failed last save is raised
+    if loop.stop.name is not None:
         log.info("stopped at step %d on %s: checkpoint saved in %s; rerun the same "
-                 "command to resume", step, stop.name, os.path.join(workdir, "checkpoints"))
+                 "command to resume", step, loop.stop.name,
+                 os.path.join(workdir, "checkpoints"))
         return val_metrics
     plot_losses(workdir, title=os.path.basename(os.path.normpath(workdir)))
     if config.get("sample_at_end", True):
