@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
 
+from benchmarks.roofline import best_seconds  # noqa: E402
 from jaxmix import ops, parallel  # noqa: E402
 from jaxmix.ops.attention_xla import attention_xla  # noqa: E402
 from jaxmix.parallel.ring_attention import RING_BLOCK  # noqa: E402
@@ -102,16 +103,6 @@ def bench_memory(length, n=8):
     return ratio
 
 
-def time_fn(fn, args, iters=5):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_timing(length, n=8, iters=5, single=True):
     key = jax.random.key(0)
     args = [jax.random.normal(k, s.shape, s.dtype)
@@ -122,7 +113,7 @@ def bench_timing(length, n=8, iters=5, single=True):
     if single:
         cases.append(("single_device", single_loss()))
     for name, loss in cases:
-        rows[name] = time_fn(grad_fn(loss), args, iters)
+        rows[name] = best_seconds(grad_fn(loss), *args, iters=iters)
         emit(bench="ring_timing", impl=name, length=length, per_device=length // n,
              causal=True, fwd_bwd_s=round(rows[name], 5))
     best = min(rows[f"allgather_{x}"] for x in ("zigzag", "contiguous"))

@@ -59,7 +59,8 @@ def spec_peaks(kind):
     return next((p for key, p in PEAKS if key in kind), None)
 
 
-def _best_seconds(fn, *args, iters):
+def best_seconds(fn, *args, iters):
+    """The fastest of `iters` timed calls of fn(*args), after one call that compiles."""
     jax.block_until_ready(fn(*args))  # compiles
     best = float("inf")
     for _ in range(iters):
@@ -72,7 +73,7 @@ def _best_seconds(fn, *args, iters):
 def copy_bandwidth(nbytes, iters=5):
     """Bytes read plus written per second of a jitted copy (x + 1) of an fp32 array."""
     x = jnp.arange(nbytes // 4, dtype=jnp.float32)
-    return 2 * x.nbytes / _best_seconds(jax.jit(lambda a: a + 1.0), x, iters=iters)
+    return 2 * x.nbytes / best_seconds(jax.jit(lambda a: a + 1.0), x, iters=iters)
 
 
 def matmul_flops(n, dtype=jnp.float32, iters=5):
@@ -80,7 +81,7 @@ def matmul_flops(n, dtype=jnp.float32, iters=5):
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), dtype)
     b = jax.random.normal(kb, (n, n), dtype)
-    return 2 * n ** 3 / _best_seconds(jax.jit(jnp.dot), a, b, iters=iters)
+    return 2 * n ** 3 / best_seconds(jax.jit(jnp.dot), a, b, iters=iters)
 
 
 @functools.lru_cache(maxsize=None)
